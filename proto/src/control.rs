@@ -1,0 +1,166 @@
+//! The local control protocol: one JSON request per line, one JSON response per line, over a Unix socket that
+//! only root (or the daemon's own user) may open.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol. `cairnctl` sends it with every request; `cairnd` refuses any other.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// Largest request or response line either side accepts, so a confused peer cannot exhaust memory.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub version: u32,
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// The whole status of the agent, as `cairnctl status` shows it.
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Status(Box<Status>),
+    Error { message: String },
+}
+
+/// What the agent knows about itself and the site, at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub agent: AgentStatus,
+    pub onboarding: OnboardingStatus,
+    pub tpm: ComponentStatus<TpmFacts>,
+    pub gpus: ComponentStatus<GpuFacts>,
+    pub sensors: ComponentStatus<SensorFacts>,
+    pub fleet: ComponentStatus<FleetFacts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStatus {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    /// The configuration files that were read, in the order they were applied.
+    pub config_sources: Vec<String>,
+    pub data_dir: String,
+}
+
+/// Onboarding is only the first state until the attestation work lands; the field exists so clients can rely
+/// on it from protocol version 1 on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnboardingStatus {
+    pub state: String,
+    pub detail: String,
+}
+
+/// The state of one part of the site: whether it was looked at, what was found, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ComponentStatus<T> {
+    /// Not looked at yet (the agent has just started).
+    Unknown,
+    /// Looked at and working; `facts` says what was seen.
+    Ok { facts: T, checked_unix: u64 },
+    /// Looked at and not usable; `reason` is a sentence a person can act on.
+    Unavailable { reason: String, checked_unix: u64 },
+}
+
+impl<T> ComponentStatus<T> {
+    pub fn facts(&self) -> Option<&T> {
+        match self {
+            ComponentStatus::Ok { facts, .. } => Some(facts),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmFacts {
+    pub tcti: String,
+    pub manufacturer: String,
+    pub firmware_version: String,
+    /// Which EK certificates the TPM carries in NV ("rsa2048", "ecc-p256").
+    pub ek_certificates: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuFacts {
+    pub driver_version: String,
+    pub gpus: Vec<GpuSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSummary {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub pci_bus_id: String,
+    /// `None` when the GPU could not be read; `problem` then says why.
+    pub temperature_c: Option<u32>,
+    pub power_w: Option<f64>,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorFacts {
+    pub hwmon_chips: Vec<String>,
+    pub rapl_zones: Vec<String>,
+    pub nvme_drives: Vec<NvmeSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmeSummary {
+    pub name: String,
+    pub model: String,
+    pub serial: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFacts {
+    pub url: String,
+    pub protocol_version: u32,
+    pub fleet_version: String,
+    pub round_trip_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_has_a_stable_wire_form() {
+        let req = Request { version: CONTROL_VERSION, command: Command::Status };
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(text, r#"{"version":1,"command":"status"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
+    }
+
+    #[test]
+    fn unknown_fields_and_commands_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"version":1,"command":"status","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"version":1,"command":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn component_status_is_tagged() {
+        let s: ComponentStatus<TpmFacts> = ComponentStatus::Unavailable { reason: "no TPM".into(), checked_unix: 5 };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["state"], "unavailable");
+        assert_eq!(v["reason"], "no TPM");
+    }
+}

@@ -1,0 +1,11 @@
+//! Wire types shared by `cairnd`, `cairnctl` and `cairn-fleet`.
+//!
+//! Two protocols live here, each versioned on its own:
+//! - [`control`]: the local control socket between `cairnctl` and `cairnd` (JSON lines over a Unix socket);
+//! - [`fleet`]: the agent-initiated HTTPS protocol between a device and its fleet backend.
+//!
+//! Every type that crosses a process boundary denies unknown fields, so a peer speaking a newer version is told
+//! so instead of being half-understood. A new field is a new protocol version.
+
+pub mod control;
+pub mod fleet;
