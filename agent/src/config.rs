@@ -1,0 +1,483 @@
+//! The agent's configuration, layered: built-in defaults → `/usr/lib/cairn/cairnd.toml` (the image's) and its
+//! `cairnd.toml.d/*.toml` → `/etc/cairn/cairnd.toml` and its `cairnd.toml.d/*.toml` (the site's) → `CAIRN_*`
+//! environment variables. `--config PATH` replaces the file search with PATH (and `PATH.d/`).
+//!
+//! Every layer is checked on its own before it is merged, so an error names the file (or variable) and key
+//! it came from. Unknown keys are errors: a typo must not silently fall back to a default.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Exit code for configuration errors (sysexits' EX_CONFIG), so `RestartPreventExitStatus=78` in the unit
+/// stops systemd from restarting the agent in a loop over a file that will not fix itself.
+pub const EXIT_CONFIG: i32 = 78;
+
+/// The variable that names the config file, like `--config`. Not itself a configuration key.
+pub const CONFIG_PATH_VAR: &str = "CAIRN_CONFIG";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub tpm: TpmConfig,
+    pub fleet: FleetConfig,
+    pub hardware: HardwareConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Persistent state (identity, spool): the data partition.
+    pub data_dir: PathBuf,
+    /// The local control socket `cairnctl` talks to; created mode 0600.
+    pub control_socket: PathBuf,
+    /// A tracing filter: a level ("info") or per-target levels ("info,cairn_agent=debug").
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TpmConfig {
+    /// TCTI string: `device:/dev/tpmrm0` on hardware, `swtpm:host=…,port=…` for a software TPM.
+    pub tcti: String,
+    /// How often the TPM is re-checked. Each check opens and closes the TPM.
+    pub probe_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Base URL of the fleet backend; must be https.
+    pub url: String,
+    /// PEM file of the CA(s) the fleet's server certificate must chain to. Ships in the image.
+    pub ca_file: PathBuf,
+    pub check_interval_secs: u64,
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HardwareConfig {
+    /// Root under which `sys/` and `dev/` are read: `/` on a device, a fake tree in tests.
+    pub sys_root: PathBuf,
+    /// The NVML library to load: a name the dynamic loader searches for, or a path.
+    pub nvml_library: PathBuf,
+    pub poll_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served. Loopback by default: exposing it is a site decision.
+    pub listen: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            agent: AgentConfig::default(),
+            tpm: TpmConfig::default(),
+            fleet: FleetConfig::default(),
+            hardware: HardwareConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            data_dir: "/var/lib/cairn".into(),
+            control_socket: "/run/cairn/control.sock".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Default for TpmConfig {
+    fn default() -> Self {
+        TpmConfig { tcti: "device:/dev/tpmrm0".into(), probe_interval_secs: 60 }
+    }
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            url: "https://fleet.cairn.invalid:8443".into(),
+            ca_file: "/usr/lib/cairn/fleet-ca.pem".into(),
+            check_interval_secs: 30,
+            timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for HardwareConfig {
+    fn default() -> Self {
+        HardwareConfig { sys_root: "/".into(), nvml_library: "libnvidia-ml.so.1".into(), poll_interval_secs: 10 }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9558)) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read configuration {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: {problem}\n  fix: {fix}")]
+    Invalid { origin: String, problem: String, fix: String },
+}
+
+impl ConfigError {
+    fn invalid(origin: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        ConfigError::Invalid { origin: origin.into(), problem: problem.into(), fix: fix.into() }
+    }
+}
+
+/// Where configuration comes from. Production uses [`Sources::system`]; tests point the directories at
+/// temporary ones and pass their own environment.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// Explicit file (`--config` or `CAIRN_CONFIG`): replaces the directory search.
+    pub explicit: Option<PathBuf>,
+    pub vendor_dir: PathBuf,
+    pub site_dir: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Sources {
+    pub fn system(explicit: Option<PathBuf>) -> Self {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let explicit = explicit.or_else(|| {
+            env.iter().find(|(k, _)| k == CONFIG_PATH_VAR).map(|(_, v)| PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty())
+        });
+        Sources { explicit, vendor_dir: "/usr/lib/cairn".into(), site_dir: "/etc/cairn".into(), env }
+    }
+
+    /// The files to read, in the order they apply. Missing optional files are skipped; a missing explicit
+    /// file is an error (someone asked for it by name).
+    fn files(&self) -> Result<Vec<PathBuf>, ConfigError> {
+        let mut files = Vec::new();
+        let mut add = |base: &Path, must_exist: bool| -> Result<(), ConfigError> {
+            if base.is_file() {
+                files.push(base.to_owned());
+            } else if must_exist {
+                return Err(ConfigError::Read {
+                    path: base.to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                });
+            }
+            let mut dropin = base.as_os_str().to_owned();
+            dropin.push(".d");
+            let dropin = PathBuf::from(dropin);
+            if let Ok(entries) = std::fs::read_dir(&dropin) {
+                let mut more: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+                    .collect();
+                more.sort();
+                files.extend(more);
+            }
+            Ok(())
+        };
+        match &self.explicit {
+            Some(path) => add(path, true)?,
+            None => {
+                add(&self.vendor_dir.join("cairnd.toml"), false)?;
+                add(&self.site_dir.join("cairnd.toml"), false)?;
+            }
+        }
+        Ok(files)
+    }
+}
+
+/// A loaded configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// Files and variables applied, in order, for `cairnctl status` and the logs.
+    pub sources: Vec<String>,
+}
+
+pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+    let mut merged = toml::Table::new();
+    let mut applied = Vec::new();
+    for path in sources.files()? {
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let table = check_file(&path, &text)?;
+        merge(&mut merged, table);
+        applied.push(path.display().to_string());
+    }
+    for (var, value) in &sources.env {
+        let Some(rest) = var.strip_prefix("CAIRN_") else { continue };
+        if var == CONFIG_PATH_VAR {
+            continue;
+        }
+        let table = env_layer(var, rest, value)?;
+        merge(&mut merged, table);
+        applied.push(format!("${var}"));
+    }
+    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
+        .map_err(|e| ConfigError::invalid("merged configuration", format!("key `{}`: {}", e.path(), e.inner()), FIX_GENERIC))?;
+    validate(&config)?;
+    Ok(Loaded { config, sources: applied })
+}
+
+const FIX_GENERIC: &str = "correct the value or remove the key; every key, its type and its default are in \
+                           /usr/share/doc/cairn/cairnd.toml.example (agent/cairnd.toml.example in the source)";
+
+/// Parses one file and checks it alone against the schema, so its errors name it.
+fn check_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
+    let origin = |line: Option<usize>| match line {
+        Some(l) => format!("configuration file {}, line {l}", path.display()),
+        None => format!("configuration file {}", path.display()),
+    };
+    let line_of = |span: Option<std::ops::Range<usize>>| span.map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+    let table: toml::Table = toml::from_str(text).map_err(|e| {
+        ConfigError::invalid(origin(line_of(e.span())), format!("is not valid TOML: {}", e.message()), "fix the syntax at that line")
+    })?;
+    serde_path_to_error::deserialize::<_, Config>(toml::Deserializer::new(text)).map_err(|e| {
+        let line = line_of(e.inner().span());
+        let problem = format!("key `{}`: {}", e.path(), e.inner().message());
+        ConfigError::invalid(origin(line), problem, FIX_GENERIC)
+    })?;
+    Ok(table)
+}
+
+/// `CAIRN_<SECTION>_<KEY>=value`: the section is the first word, the key the rest (`CAIRN_FLEET_CA_FILE` is
+/// `fleet.ca_file`). Values that parse as TOML (numbers, booleans, quoted strings) are taken as such, anything
+/// else as a plain string.
+fn env_layer(var: &str, rest: &str, value: &str) -> Result<toml::Table, ConfigError> {
+    let origin = format!("environment variable {var}");
+    let lower = rest.to_ascii_lowercase();
+    let Some((section, key)) = lower.split_once('_') else {
+        return Err(ConfigError::invalid(origin, "does not name a configuration key", "use CAIRN_<SECTION>_<KEY>, e.g. CAIRN_FLEET_URL, or unset it"));
+    };
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v"));
+    let value = parsed.unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let mut inner = toml::Table::new();
+    inner.insert(key.to_owned(), value);
+    let mut table = toml::Table::new();
+    table.insert(section.to_owned(), toml::Value::Table(inner));
+    serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())).map_err(|e| {
+        ConfigError::invalid(origin, format!("key `{}`: {}", e.path(), e.inner().message()), FIX_GENERIC)
+    })?;
+    Ok(table)
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Checks that cannot be expressed in types.
+fn validate(c: &Config) -> Result<(), ConfigError> {
+    let origin = "configuration";
+    for (key, secs) in [
+        ("tpm.probe_interval_secs", c.tpm.probe_interval_secs),
+        ("fleet.check_interval_secs", c.fleet.check_interval_secs),
+        ("fleet.timeout_secs", c.fleet.timeout_secs),
+        ("hardware.poll_interval_secs", c.hardware.poll_interval_secs),
+    ] {
+        if secs == 0 {
+            return Err(ConfigError::invalid(origin, format!("key `{key}` is 0"), "give it a number of seconds of at least 1"));
+        }
+    }
+    if let Err(e) = crate::uplink::FleetUrl::parse(&c.fleet.url) {
+        return Err(ConfigError::invalid(origin, format!("key `fleet.url`: {e}"), "give the fleet's https URL, e.g. https://fleet.example.com:8443"));
+    }
+    if let Err(e) = c.agent.log_level.parse::<tracing_subscriber::filter::Targets>() {
+        return Err(ConfigError::invalid(origin, format!("key `agent.log_level` = {:?}: {e}", c.agent.log_level), "use a level (error, warn, info, debug, trace) or target=level pairs"));
+    }
+    cairn_tpm::Tpm::new(&c.tpm.tcti).map_err(|e| ConfigError::invalid(origin, format!("key `tpm.tcti`: {e}"), "use e.g. device:/dev/tpmrm0"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dirs {
+        _tmp: tempfile::TempDir,
+        vendor: PathBuf,
+        site: PathBuf,
+    }
+
+    fn dirs() -> Dirs {
+        let tmp = tempfile::tempdir().unwrap();
+        let vendor = tmp.path().join("usr-lib-cairn");
+        let site = tmp.path().join("etc-cairn");
+        std::fs::create_dir_all(vendor.join("cairnd.toml.d")).unwrap();
+        std::fs::create_dir_all(site.join("cairnd.toml.d")).unwrap();
+        Dirs { _tmp: tmp, vendor, site }
+    }
+
+    fn sources(d: &Dirs, env: &[(&str, &str)]) -> Sources {
+        Sources {
+            explicit: None,
+            vendor_dir: d.vendor.clone(),
+            site_dir: d.site.clone(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn no_files_gives_the_built_in_defaults() {
+        let d = dirs();
+        let loaded = load(&sources(&d, &[])).unwrap();
+        assert_eq!(loaded.config, Config::default());
+        assert!(loaded.sources.is_empty());
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_keep_untouched_keys() {
+        let d = dirs();
+        std::fs::write(d.vendor.join("cairnd.toml"), "[fleet]\nurl = \"https://vendor:1\"\ntimeout_secs = 3\n[agent]\nlog_level = \"warn\"\n").unwrap();
+        std::fs::write(d.vendor.join("cairnd.toml.d/10-a.toml"), "[fleet]\nurl = \"https://vendor-dropin:2\"\n").unwrap();
+        std::fs::write(d.site.join("cairnd.toml"), "[fleet]\nurl = \"https://site:3\"\n[hardware]\npoll_interval_secs = 5\n").unwrap();
+        std::fs::write(d.site.join("cairnd.toml.d/20-b.toml"), "[hardware]\npoll_interval_secs = 7\n").unwrap();
+        std::fs::write(d.site.join("cairnd.toml.d/10-a.toml"), "[hardware]\npoll_interval_secs = 6\n").unwrap();
+        std::fs::write(d.site.join("cairnd.toml.d/ignored.conf"), "not toml at all [").unwrap();
+
+        let loaded = load(&sources(&d, &[("CAIRN_FLEET_URL", "https://env:4"), ("PATH", "/bin")])).unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.fleet.url, "https://env:4", "env beats every file");
+        assert_eq!(c.fleet.timeout_secs, 3, "a key set only by the vendor file survives");
+        assert_eq!(c.agent.log_level, "warn");
+        assert_eq!(c.hardware.poll_interval_secs, 7, "drop-ins apply in name order, after their main file");
+        assert_eq!(c.tpm, TpmConfig::default());
+        let names: Vec<&str> = loaded.sources.iter().map(|s| s.rsplit('/').next().unwrap()).collect();
+        assert_eq!(names, ["cairnd.toml", "10-a.toml", "cairnd.toml", "10-a.toml", "20-b.toml", "$CAIRN_FLEET_URL"]);
+    }
+
+    #[test]
+    fn explicit_file_replaces_the_search() {
+        let d = dirs();
+        std::fs::write(d.site.join("cairnd.toml"), "[fleet]\nurl = \"https://site:3\"\n").unwrap();
+        let explicit = d.vendor.join("mine.toml");
+        std::fs::write(&explicit, "[hardware]\npoll_interval_secs = 2\n").unwrap();
+        let mut s = sources(&d, &[]);
+        s.explicit = Some(explicit);
+        let c = load(&s).unwrap().config;
+        assert_eq!(c.fleet.url, FleetConfig::default().url, "/etc was not read");
+        assert_eq!(c.hardware.poll_interval_secs, 2);
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error_naming_it() {
+        let d = dirs();
+        let mut s = sources(&d, &[]);
+        s.explicit = Some(d.site.join("nope.toml"));
+        let err = load(&s).unwrap_err().to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn env_values_take_their_toml_type() {
+        let d = dirs();
+        let c = load(&sources(&d, &[
+            ("CAIRN_HARDWARE_POLL_INTERVAL_SECS", "3"),
+            ("CAIRN_TPM_TCTI", "swtpm:host=127.0.0.1,port=2321"),
+            ("CAIRN_METRICS_LISTEN", "127.0.0.1:9999"),
+            ("CAIRN_CONFIG", "/ignored/here"),
+        ]))
+        .unwrap()
+        .config;
+        assert_eq!(c.hardware.poll_interval_secs, 3);
+        assert_eq!(c.tpm.tcti, "swtpm:host=127.0.0.1,port=2321");
+        assert_eq!(c.metrics.listen.port(), 9999);
+    }
+
+    fn file_error(text: &str) -> String {
+        let d = dirs();
+        std::fs::write(d.site.join("cairnd.toml"), text).unwrap();
+        let err = load(&sources(&d, &[])).unwrap_err().to_string();
+        assert!(err.contains("etc-cairn/cairnd.toml"), "error does not name the file: {err}");
+        assert!(err.contains("fix:"), "error gives no fix: {err}");
+        err
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file_and_line() {
+        let err = file_error("[fleet]\nurl = \"https://x:1\"\nurll = \"typo\"\n");
+        assert!(err.contains("fleet.urll") || err.contains("`urll`"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let err = file_error("[flet]\nurl = \"https://x:1\"\n");
+        assert!(err.contains("flet"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = file_error("[hardware]\npoll_interval_secs = \"ten\"\n");
+        assert!(err.contains("hardware.poll_interval_secs"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let err = file_error("[fleet]\nurl = \"unterminated\n");
+        assert!(err.contains("not valid TOML") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_after_merging() {
+        for (text, key) in [
+            ("[fleet]\nurl = \"http://plain:80\"\n", "fleet.url"),
+            ("[hardware]\npoll_interval_secs = 0\n", "hardware.poll_interval_secs"),
+            ("[agent]\nlog_level = \"loud\"\n", "agent.log_level"),
+            ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
+            ("[tpm]\ntcti = \"carrier-pigeon\"\n", "tpm.tcti"),
+        ] {
+            let d = dirs();
+            std::fs::write(d.site.join("cairnd.toml"), text).unwrap();
+            let err = load(&sources(&d, &[])).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave: {err}");
+            assert!(err.contains("fix:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_env_names_the_variable() {
+        let d = dirs();
+        for (var, value) in [("CAIRN_FLEET_URLL", "https://x:1"), ("CAIRN_NOPE", "1"), ("CAIRN_HARDWARE_POLL_INTERVAL_SECS", "soon")] {
+            let err = load(&sources(&d, &[(var, value)])).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn example_file_is_complete_and_loads() {
+        let text = include_str!("../cairnd.toml.example");
+        let d = dirs();
+        std::fs::write(d.site.join("cairnd.toml"), text).unwrap();
+        let loaded = load(&sources(&d, &[])).unwrap();
+        // The example documents the defaults: loading it must change nothing.
+        assert_eq!(loaded.config, Config::default());
+        // Every key of the schema appears in the example.
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        for (section, keys) in defaults.as_table().unwrap() {
+            for key in keys.as_table().unwrap().keys() {
+                assert!(text.contains(&format!("\n{key} =")), "example lacks {section}.{key}");
+            }
+        }
+    }
+}

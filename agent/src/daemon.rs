@@ -1,0 +1,187 @@
+//! cairnd's main loop: wires the parts, reports readiness to systemd, and shuts down cleanly on SIGTERM or
+//! SIGINT. Each part runs as its own task; blocking hardware calls run on their own threads.
+
+use crate::config::Loaded;
+use crate::hardware::gpu::{GpuSource, NvmlGpus};
+use crate::hardware::sysfs::SysRoot;
+use crate::identity::{self, TpmProbe};
+use crate::status::{component, StatusBoard};
+use crate::uplink::FleetClient;
+use crate::{control, metrics, notify};
+use cairn_proto::control::{AgentStatus, FleetFacts};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime or install signal handlers")]
+    Runtime(#[source] std::io::Error),
+}
+
+pub fn run(loaded: Loaded) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(run_async(loaded))
+}
+
+async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
+    let config = loaded.config;
+    std::fs::create_dir_all(&config.agent.data_dir)
+        .map_err(|source| DaemonError::DataDir { path: config.agent.data_dir.clone(), source })?;
+
+    let board = StatusBoard::new(
+        AgentStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: 0,
+            config_sources: loaded.sources.clone(),
+            data_dir: config.agent.data_dir.display().to_string(),
+        },
+        identity::onboarding_initial(),
+    );
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+
+    let listener = control::bind(&config.agent.control_socket)?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics.listen)
+        .await
+        .map_err(|source| DaemonError::Metrics { addr: config.metrics.listen, source })?;
+
+    // Hardware pollers: blocking calls (NVML, TPM, file reads), each on a thread of its own, stopped through a
+    // channel whose sender is dropped at shutdown.
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let hw = {
+        let board = board.clone();
+        let interval = Duration::from_secs(config.hardware.poll_interval_secs);
+        let mut gpus = NvmlGpus::new(config.hardware.nvml_library.clone());
+        let sys = SysRoot::new(config.hardware.sys_root.clone());
+        let tpm_interval = Duration::from_secs(config.tpm.probe_interval_secs);
+        let tpm: Option<Box<dyn TpmProbe>> = match cairn_tpm::Tpm::new(&config.tpm.tcti) {
+            Ok(t) => Some(Box::new(t)),
+            Err(e) => {
+                let reason = identity::error_chain(&e);
+                board.update(|s| s.tpm = component(Err(reason)));
+                None
+            }
+        };
+        std::thread::Builder::new()
+            .name("hardware".into())
+            .spawn(move || {
+                let mut last_tpm: Option<std::time::Instant> = None;
+                loop {
+                    let g = gpus.read();
+                    let sensors = sys.read();
+                    board.update(|s| {
+                        s.gpus = component(g);
+                        s.sensors = component(sensors);
+                    });
+                    if let Some(tpm) = &tpm {
+                        if last_tpm.is_none_or(|t| t.elapsed() >= tpm_interval) {
+                            let facts = tpm.probe();
+                            if let Err(e) = &facts {
+                                tracing::warn!(reason = %e, "TPM check failed");
+                            }
+                            board.update(|s| s.tpm = component(facts));
+                            last_tpm = Some(std::time::Instant::now());
+                        }
+                    }
+                    match stop_rx.recv_timeout(interval) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                        _ => return,
+                    }
+                }
+            })
+            .map_err(DaemonError::Runtime)?
+    };
+
+    let fleet_task = {
+        let board = board.clone();
+        let fleet = config.fleet.clone();
+        tokio::spawn(async move {
+            let client = FleetClient::new(&fleet.url, &fleet.ca_file, Duration::from_secs(fleet.timeout_secs));
+            let mut was_ok = None;
+            loop {
+                let result = match &client {
+                    Ok(c) => c.info().await.map_err(|e| identity::error_chain(&e)),
+                    Err(e) => Err(identity::error_chain(e)),
+                };
+                let ok = result.is_ok();
+                if was_ok != Some(ok) {
+                    match &result {
+                        Ok(_) => tracing::info!(url = %fleet.url, "fleet reachable"),
+                        Err(e) => tracing::warn!(url = %fleet.url, reason = %e, "fleet unreachable"),
+                    }
+                    was_ok = Some(ok);
+                }
+                let facts = result.map(|(info, rtt)| FleetFacts {
+                    url: fleet.url.clone(),
+                    protocol_version: cairn_proto::fleet::FLEET_PROTOCOL_VERSION,
+                    fleet_version: info.version,
+                    round_trip_ms: rtt.as_millis() as u64,
+                });
+                board.update(|s| s.fleet = component(facts));
+                tokio::time::sleep(Duration::from_secs(fleet.check_interval_secs)).await;
+            }
+        })
+    };
+
+    let control_task = tokio::spawn(control::serve(listener, board.clone()));
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, board.clone()));
+
+    let watchdog_task = notify::watchdog_interval().map(|every| {
+        tokio::spawn(async move {
+            loop {
+                notify::watchdog();
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
+
+    tracing::info!(
+        socket = %config.agent.control_socket.display(),
+        metrics = %config.metrics.listen,
+        sources = ?loaded.sources,
+        "cairnd ready"
+    );
+    notify::ready("running");
+
+    let signal_name = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal = signal_name, "shutting down");
+    notify::stopping();
+
+    control_task.abort();
+    metrics_task.abort();
+    fleet_task.abort();
+    if let Some(t) = watchdog_task {
+        t.abort();
+    }
+    drop(stop_tx);
+    // The hardware thread wakes at once on the closed channel unless it is inside a call (NVML, TPM): wait
+    // for it so the TPM is never left mid-command.
+    let _ = tokio::task::spawn_blocking(move || hw.join()).await;
+    let _ = std::fs::remove_file(&config.agent.control_socket);
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! The status in words, for people: what `cairnctl status` prints.
+
+use cairn_proto::control::{ComponentStatus, Status};
+use std::fmt::Write;
+
+fn line<T>(out: &mut String, label: &str, c: &ComponentStatus<T>, ok: impl Fn(&T) -> String) {
+    let text = match c {
+        ComponentStatus::Unknown => "not checked yet".to_owned(),
+        ComponentStatus::Ok { facts, .. } => format!("ok — {}", ok(facts)),
+        ComponentStatus::Unavailable { reason, .. } => format!("PROBLEM — {reason}"),
+    };
+    let _ = writeln!(out, "{label:<11}{text}");
+}
+
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<11}cairnd {} (pid {}, up {} s)", "agent", s.agent.version, s.agent.pid, s.agent.uptime_secs);
+    let _ = writeln!(out, "{:<11}{} — {}", "onboarding", s.onboarding.state, s.onboarding.detail);
+    line(&mut out, "tpm", &s.tpm, |t| {
+        let certs = if t.ek_certificates.is_empty() { "no EK certificate".to_owned() } else { format!("EK certificates: {}", t.ek_certificates.join(", ")) };
+        format!("{} firmware {}, {certs} ({})", t.manufacturer, t.firmware_version, t.tcti)
+    });
+    line(&mut out, "gpus", &s.gpus, |g| {
+        let lost = g.gpus.iter().filter(|x| x.problem.is_some()).count();
+        let mut names: Vec<&str> = g.gpus.iter().map(|x| x.name.as_str()).filter(|n| !n.is_empty()).collect();
+        names.dedup();
+        let mut t = format!("{} GPU(s) {} (driver {})", g.gpus.len(), names.join(", "), g.driver_version);
+        if lost > 0 {
+            let _ = write!(t, "; {lost} with problems");
+        }
+        t
+    });
+    if let Some(g) = s.gpus.facts() {
+        for gpu in g.gpus.iter().filter(|x| x.problem.is_some()) {
+            let _ = writeln!(out, "{:<11}  GPU {} {}: {}", "", gpu.index, gpu.pci_bus_id, gpu.problem.as_deref().unwrap_or_default());
+        }
+    }
+    line(&mut out, "sensors", &s.sensors, |x| {
+        format!("{} NVMe drive(s), {} hwmon chip(s), {} RAPL zone(s)", x.nvme_drives.len(), x.hwmon_chips.len(), x.rapl_zones.len())
+    });
+    line(&mut out, "fleet", &s.fleet, |f| format!("{} reachable, protocol v{}, {} ms", f.url, f.protocol_version, f.round_trip_ms));
+    out
+}
