@@ -241,7 +241,7 @@ fn check_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
         Some(l) => format!("configuration file {}, line {l}", path.display()),
         None => format!("configuration file {}", path.display()),
     };
-    let line_of = |span: Option<std::ops::Range<usize>>| span.map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+    let line_of = |span: Option<std::ops::Range<usize>>| span.map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
     let table: toml::Table = toml::from_str(text).map_err(|e| {
         ConfigError::invalid(origin(line_of(e.span())), format!("is not valid TOML: {}", e.message()), "fix the syntax at that line")
     })?;
@@ -285,6 +285,16 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
+/// `Targets` would read a bare word as a target name; here a bare word must be a level.
+fn log_filter_is_valid(filter: &str) -> bool {
+    let level = |l: &str| l.eq_ignore_ascii_case("off") || l.parse::<tracing::Level>().is_ok();
+    !filter.trim().is_empty()
+        && filter.split(',').all(|part| match part.split_once('=') {
+            Some((target, l)) => !target.trim().is_empty() && level(l.trim()),
+            None => level(part.trim()),
+        })
+}
+
 /// Checks that cannot be expressed in types.
 fn validate(c: &Config) -> Result<(), ConfigError> {
     let origin = "configuration";
@@ -301,8 +311,12 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     if let Err(e) = crate::uplink::FleetUrl::parse(&c.fleet.url) {
         return Err(ConfigError::invalid(origin, format!("key `fleet.url`: {e}"), "give the fleet's https URL, e.g. https://fleet.example.com:8443"));
     }
-    if let Err(e) = c.agent.log_level.parse::<tracing_subscriber::filter::Targets>() {
-        return Err(ConfigError::invalid(origin, format!("key `agent.log_level` = {:?}: {e}", c.agent.log_level), "use a level (error, warn, info, debug, trace) or target=level pairs"));
+    if !log_filter_is_valid(&c.agent.log_level) {
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `agent.log_level` = {:?} is not a log filter", c.agent.log_level),
+            "use a level (off, error, warn, info, debug, trace) or target=level pairs, e.g. \"info,cairn_agent=debug\"",
+        ));
     }
     cairn_tpm::Tpm::new(&c.tpm.tcti).map_err(|e| ConfigError::invalid(origin, format!("key `tpm.tcti`: {e}"), "use e.g. device:/dev/tpmrm0"))?;
     Ok(())

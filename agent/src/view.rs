@@ -32,7 +32,8 @@ pub fn render(s: &Status) -> String {
     });
     if let Some(g) = s.gpus.facts() {
         for gpu in g.gpus.iter().filter(|x| x.problem.is_some()) {
-            let _ = writeln!(out, "{:<11}  GPU {} {}: {}", "", gpu.index, gpu.pci_bus_id, gpu.problem.as_deref().unwrap_or_default());
+            let bus = if gpu.pci_bus_id.is_empty() { String::new() } else { format!(" ({})", gpu.pci_bus_id) };
+            let _ = writeln!(out, "{:<11}  GPU {}{bus}: {}", "", gpu.index, gpu.problem.as_deref().unwrap_or_default());
         }
     }
     line(&mut out, "sensors", &s.sensors, |x| {

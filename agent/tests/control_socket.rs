@@ -1,0 +1,98 @@
+//! The control socket, in process: permissions, answers, bad requests, and one agent per socket.
+
+use cairn_agent::control::{self, ControlError};
+use cairn_agent::status::{component, StatusBoard};
+use cairn_proto::control::{AgentStatus, Command, OnboardingStatus, Response, TpmFacts};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+fn board() -> StatusBoard {
+    let b = StatusBoard::new(
+        AgentStatus { version: "test".into(), pid: 1, uptime_secs: 0, config_sources: vec![], data_dir: "/x".into() },
+        OnboardingStatus { state: "unprovisioned".into(), detail: String::new() },
+    );
+    b.update(|s| {
+        s.tpm = component(Ok(TpmFacts {
+            tcti: "swtpm:port=1".into(),
+            manufacturer: "IBM".into(),
+            firmware_version: "1.0".into(),
+            ek_certificates: vec!["rsa2048".into()],
+        }))
+    });
+    b
+}
+
+fn raw_exchange(path: &std::path::Path, line: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    let mut out = String::new();
+    BufReader::new(s).read_line(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_round_trip_and_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/control.sock");
+    let listener = control::bind(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket must be owner-only");
+    let server = tokio::spawn(control::serve(listener, board()));
+
+    let p = path.clone();
+    let (status, bad_json, bad_version, unknown) = tokio::task::spawn_blocking(move || {
+        let status = control::request(&p, Command::Status, Duration::from_secs(5)).unwrap();
+        (
+            status,
+            raw_exchange(&p, "this is not json\n"),
+            raw_exchange(&p, "{\"version\":99,\"command\":\"status\"}\n"),
+            raw_exchange(&p, "{\"version\":1,\"command\":\"reboot\"}\n"),
+        )
+    })
+    .await
+    .unwrap();
+    let Response::Status(s) = status else { panic!("not a status: {status:?}") };
+    assert_eq!(s.tpm.facts().unwrap().manufacturer, "IBM");
+    assert_eq!(s.agent.version, "test");
+    assert!(bad_json.contains("malformed request"), "{bad_json}");
+    assert!(bad_version.contains("version 99 is not supported"), "{bad_version}");
+    assert!(unknown.contains("malformed request") && unknown.contains("reboot"), "{unknown}");
+
+    // A second agent must not steal the socket of a live one.
+    assert!(matches!(control::bind(&path), Err(ControlError::InUse { .. })));
+    server.abort();
+}
+
+#[tokio::test]
+async fn oversized_request_is_refused_without_buffering_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.sock");
+    let server = tokio::spawn(control::serve(control::bind(&path).unwrap(), board()));
+    let p = path.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let big = "x".repeat(cairn_proto::control::MAX_LINE_BYTES + 10) + "\n";
+        raw_exchange(&p, &big)
+    })
+    .await
+    .unwrap();
+    assert!(answer.contains("longer than"), "{answer}");
+    server.abort();
+}
+
+#[test]
+fn stale_socket_is_replaced_and_missing_agent_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.sock");
+    // A socket file with nobody behind it, as a crashed agent leaves.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { control::bind(&path).unwrap() });
+    drop(rt);
+
+    let err = control::request(&dir.path().join("absent.sock"), Command::Status, Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(err, ControlError::Connect { .. }));
+    assert!(err.to_string().contains("absent.sock"), "{err}");
+}

@@ -1,0 +1,73 @@
+//! cairn-sim: start, stop and poke a simulated site (see the `cairn_sim` crate docs).
+//! `just sim-up DIR` and `just sim-down DIR` call this.
+
+use cairn_sim::{Site, SiteOptions};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(about = "Run a simulated cairn site: swtpm, reference fleet, fake GPUs and sysfs, cairnd")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a whole site in the background with all state under DIR, and write DIR/site.env.
+    Up {
+        dir: PathBuf,
+        /// Fake GPU profile: h100x8, l4x1 or none.
+        #[arg(long, default_value = "h100x8")]
+        gpus: String,
+        /// Number of fake NVMe drives.
+        #[arg(long, default_value_t = 8)]
+        nvme: usize,
+    },
+    /// Stop everything `up` started in DIR.
+    Down { dir: PathBuf },
+    /// Stop the fleet (an uplink outage); its state stays.
+    FleetStop { dir: PathBuf },
+    /// Start the fleet again on its old address.
+    FleetStart { dir: PathBuf },
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let result = match Args::parse().command {
+        Cmd::Up { dir, gpus, nvme } => {
+            let mut opts = SiteOptions { gpu_profile: gpus, ..SiteOptions::default() };
+            opts.tree.nvme_drives = nvme;
+            Site::up(&dir, &opts).map(|site| {
+                print!("{}", std::fs::read_to_string(site.dir.join("site.env")).unwrap_or_default());
+                site.detach();
+            })
+        }
+        Cmd::Down { dir } => Site::load(&dir).map(|mut site| {
+            let killed = site.down();
+            if !killed.is_empty() {
+                eprintln!("cairn-sim: had to SIGKILL {}", killed.join(", "));
+            }
+        }),
+        Cmd::FleetStop { dir } => Site::load(&dir).map(|mut site| site.stop_fleet()),
+        Cmd::FleetStart { dir } => Site::load(&dir).and_then(|mut site| site.start_fleet()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn-sim: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
