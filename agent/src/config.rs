@@ -16,7 +16,7 @@ pub const EXIT_CONFIG: i32 = 78;
 /// The variable that names the config file, like `--config`. Not itself a configuration key.
 pub const CONFIG_PATH_VAR: &str = "CAIRN_CONFIG";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub agent: AgentConfig,
@@ -74,18 +74,6 @@ pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            agent: AgentConfig::default(),
-            tpm: TpmConfig::default(),
-            fleet: FleetConfig::default(),
-            hardware: HardwareConfig::default(),
-            metrics: MetricsConfig::default(),
-        }
-    }
-}
-
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
@@ -98,7 +86,10 @@ impl Default for AgentConfig {
 
 impl Default for TpmConfig {
     fn default() -> Self {
-        TpmConfig { tcti: "device:/dev/tpmrm0".into(), probe_interval_secs: 60 }
+        TpmConfig {
+            tcti: "device:/dev/tpmrm0".into(),
+            probe_interval_secs: 60,
+        }
     }
 }
 
@@ -115,13 +106,19 @@ impl Default for FleetConfig {
 
 impl Default for HardwareConfig {
     fn default() -> Self {
-        HardwareConfig { sys_root: "/".into(), nvml_library: "libnvidia-ml.so.1".into(), poll_interval_secs: 10 }
+        HardwareConfig {
+            sys_root: "/".into(),
+            nvml_library: "libnvidia-ml.so.1".into(),
+            poll_interval_secs: 10,
+        }
     }
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9558)) }
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9558)),
+        }
     }
 }
 
@@ -134,12 +131,24 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{origin}: {problem}\n  fix: {fix}")]
-    Invalid { origin: String, problem: String, fix: String },
+    Invalid {
+        origin: String,
+        problem: String,
+        fix: String,
+    },
 }
 
 impl ConfigError {
-    fn invalid(origin: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        ConfigError::Invalid { origin: origin.into(), problem: problem.into(), fix: fix.into() }
+    fn invalid(
+        origin: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        ConfigError::Invalid {
+            origin: origin.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 }
 
@@ -158,9 +167,17 @@ impl Sources {
     pub fn system(explicit: Option<PathBuf>) -> Self {
         let env: Vec<(String, String)> = std::env::vars().collect();
         let explicit = explicit.or_else(|| {
-            env.iter().find(|(k, _)| k == CONFIG_PATH_VAR).map(|(_, v)| PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty())
+            env.iter()
+                .find(|(k, _)| k == CONFIG_PATH_VAR)
+                .map(|(_, v)| PathBuf::from(v))
+                .filter(|p| !p.as_os_str().is_empty())
         });
-        Sources { explicit, vendor_dir: "/usr/lib/cairn".into(), site_dir: "/etc/cairn".into(), env }
+        Sources {
+            explicit,
+            vendor_dir: "/usr/lib/cairn".into(),
+            site_dir: "/etc/cairn".into(),
+            env,
+        }
     }
 
     /// The files to read, in the order they apply. Missing optional files are skipped; a missing explicit
@@ -212,13 +229,18 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
     let mut merged = toml::Table::new();
     let mut applied = Vec::new();
     for path in sources.files()? {
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
         let table = check_file(&path, &text)?;
         merge(&mut merged, table);
         applied.push(path.display().to_string());
     }
     for (var, value) in &sources.env {
-        let Some(rest) = var.strip_prefix("CAIRN_") else { continue };
+        let Some(rest) = var.strip_prefix("CAIRN_") else {
+            continue;
+        };
         if var == CONFIG_PATH_VAR {
             continue;
         }
@@ -226,10 +248,19 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
         merge(&mut merged, table);
         applied.push(format!("${var}"));
     }
-    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
-        .map_err(|e| ConfigError::invalid("merged configuration", format!("key `{}`: {}", e.path(), e.inner()), FIX_GENERIC))?;
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            ConfigError::invalid(
+                "merged configuration",
+                format!("key `{}`: {}", e.path(), e.inner()),
+                FIX_GENERIC,
+            )
+        })?;
     validate(&config)?;
-    Ok(Loaded { config, sources: applied })
+    Ok(Loaded {
+        config,
+        sources: applied,
+    })
 }
 
 const FIX_GENERIC: &str = "correct the value or remove the key; every key, its type and its default are in \
@@ -241,9 +272,21 @@ fn check_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
         Some(l) => format!("configuration file {}, line {l}", path.display()),
         None => format!("configuration file {}", path.display()),
     };
-    let line_of = |span: Option<std::ops::Range<usize>>| span.map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| {
+            text.as_bytes()[..s.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        })
+    };
     let table: toml::Table = toml::from_str(text).map_err(|e| {
-        ConfigError::invalid(origin(line_of(e.span())), format!("is not valid TOML: {}", e.message()), "fix the syntax at that line")
+        ConfigError::invalid(
+            origin(line_of(e.span())),
+            format!("is not valid TOML: {}", e.message()),
+            "fix the syntax at that line",
+        )
     })?;
     serde_path_to_error::deserialize::<_, Config>(toml::Deserializer::new(text)).map_err(|e| {
         let line = line_of(e.inner().span());
@@ -260,17 +303,29 @@ fn env_layer(var: &str, rest: &str, value: &str) -> Result<toml::Table, ConfigEr
     let origin = format!("environment variable {var}");
     let lower = rest.to_ascii_lowercase();
     let Some((section, key)) = lower.split_once('_') else {
-        return Err(ConfigError::invalid(origin, "does not name a configuration key", "use CAIRN_<SECTION>_<KEY>, e.g. CAIRN_FLEET_URL, or unset it"));
+        return Err(ConfigError::invalid(
+            origin,
+            "does not name a configuration key",
+            "use CAIRN_<SECTION>_<KEY>, e.g. CAIRN_FLEET_URL, or unset it",
+        ));
     };
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v"));
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
     let value = parsed.unwrap_or_else(|| toml::Value::String(value.to_owned()));
     let mut inner = toml::Table::new();
     inner.insert(key.to_owned(), value);
     let mut table = toml::Table::new();
     table.insert(section.to_owned(), toml::Value::Table(inner));
-    serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())).map_err(|e| {
-        ConfigError::invalid(origin, format!("key `{}`: {}", e.path(), e.inner().message()), FIX_GENERIC)
-    })?;
+    serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())).map_err(
+        |e| {
+            ConfigError::invalid(
+                origin,
+                format!("key `{}`: {}", e.path(), e.inner().message()),
+                FIX_GENERIC,
+            )
+        },
+    )?;
     Ok(table)
 }
 
@@ -305,11 +360,19 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("hardware.poll_interval_secs", c.hardware.poll_interval_secs),
     ] {
         if secs == 0 {
-            return Err(ConfigError::invalid(origin, format!("key `{key}` is 0"), "give it a number of seconds of at least 1"));
+            return Err(ConfigError::invalid(
+                origin,
+                format!("key `{key}` is 0"),
+                "give it a number of seconds of at least 1",
+            ));
         }
     }
     if let Err(e) = crate::uplink::FleetUrl::parse(&c.fleet.url) {
-        return Err(ConfigError::invalid(origin, format!("key `fleet.url`: {e}"), "give the fleet's https URL, e.g. https://fleet.example.com:8443"));
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `fleet.url`: {e}"),
+            "give the fleet's https URL, e.g. https://fleet.example.com:8443",
+        ));
     }
     if !log_filter_is_valid(&c.agent.log_level) {
         return Err(ConfigError::invalid(
@@ -318,7 +381,13 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             "use a level (off, error, warn, info, debug, trace) or target=level pairs, e.g. \"info,cairn_agent=debug\"",
         ));
     }
-    cairn_tpm::Tpm::new(&c.tpm.tcti).map_err(|e| ConfigError::invalid(origin, format!("key `tpm.tcti`: {e}"), "use e.g. device:/dev/tpmrm0"))?;
+    cairn_tpm::Tpm::new(&c.tpm.tcti).map_err(|e| {
+        ConfigError::invalid(
+            origin,
+            format!("key `tpm.tcti`: {e}"),
+            "use e.g. device:/dev/tpmrm0",
+        )
+    })?;
     Ok(())
 }
 
@@ -338,7 +407,11 @@ mod tests {
         let site = tmp.path().join("etc-cairn");
         std::fs::create_dir_all(vendor.join("cairnd.toml.d")).unwrap();
         std::fs::create_dir_all(site.join("cairnd.toml.d")).unwrap();
-        Dirs { _tmp: tmp, vendor, site }
+        Dirs {
+            _tmp: tmp,
+            vendor,
+            site,
+        }
     }
 
     fn sources(d: &Dirs, env: &[(&str, &str)]) -> Sources {
@@ -346,7 +419,10 @@ mod tests {
             explicit: None,
             vendor_dir: d.vendor.clone(),
             site_dir: d.site.clone(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -362,27 +438,75 @@ mod tests {
     fn layers_apply_in_order_and_keep_untouched_keys() {
         let d = dirs();
         std::fs::write(d.vendor.join("cairnd.toml"), "[fleet]\nurl = \"https://vendor:1\"\ntimeout_secs = 3\n[agent]\nlog_level = \"warn\"\n").unwrap();
-        std::fs::write(d.vendor.join("cairnd.toml.d/10-a.toml"), "[fleet]\nurl = \"https://vendor-dropin:2\"\n").unwrap();
-        std::fs::write(d.site.join("cairnd.toml"), "[fleet]\nurl = \"https://site:3\"\n[hardware]\npoll_interval_secs = 5\n").unwrap();
-        std::fs::write(d.site.join("cairnd.toml.d/20-b.toml"), "[hardware]\npoll_interval_secs = 7\n").unwrap();
-        std::fs::write(d.site.join("cairnd.toml.d/10-a.toml"), "[hardware]\npoll_interval_secs = 6\n").unwrap();
-        std::fs::write(d.site.join("cairnd.toml.d/ignored.conf"), "not toml at all [").unwrap();
+        std::fs::write(
+            d.vendor.join("cairnd.toml.d/10-a.toml"),
+            "[fleet]\nurl = \"https://vendor-dropin:2\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.site.join("cairnd.toml"),
+            "[fleet]\nurl = \"https://site:3\"\n[hardware]\npoll_interval_secs = 5\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.site.join("cairnd.toml.d/20-b.toml"),
+            "[hardware]\npoll_interval_secs = 7\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.site.join("cairnd.toml.d/10-a.toml"),
+            "[hardware]\npoll_interval_secs = 6\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.site.join("cairnd.toml.d/ignored.conf"),
+            "not toml at all [",
+        )
+        .unwrap();
 
-        let loaded = load(&sources(&d, &[("CAIRN_FLEET_URL", "https://env:4"), ("PATH", "/bin")])).unwrap();
+        let loaded = load(&sources(
+            &d,
+            &[("CAIRN_FLEET_URL", "https://env:4"), ("PATH", "/bin")],
+        ))
+        .unwrap();
         let c = &loaded.config;
         assert_eq!(c.fleet.url, "https://env:4", "env beats every file");
-        assert_eq!(c.fleet.timeout_secs, 3, "a key set only by the vendor file survives");
+        assert_eq!(
+            c.fleet.timeout_secs, 3,
+            "a key set only by the vendor file survives"
+        );
         assert_eq!(c.agent.log_level, "warn");
-        assert_eq!(c.hardware.poll_interval_secs, 7, "drop-ins apply in name order, after their main file");
+        assert_eq!(
+            c.hardware.poll_interval_secs, 7,
+            "drop-ins apply in name order, after their main file"
+        );
         assert_eq!(c.tpm, TpmConfig::default());
-        let names: Vec<&str> = loaded.sources.iter().map(|s| s.rsplit('/').next().unwrap()).collect();
-        assert_eq!(names, ["cairnd.toml", "10-a.toml", "cairnd.toml", "10-a.toml", "20-b.toml", "$CAIRN_FLEET_URL"]);
+        let names: Vec<&str> = loaded
+            .sources
+            .iter()
+            .map(|s| s.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "cairnd.toml",
+                "10-a.toml",
+                "cairnd.toml",
+                "10-a.toml",
+                "20-b.toml",
+                "$CAIRN_FLEET_URL"
+            ]
+        );
     }
 
     #[test]
     fn explicit_file_replaces_the_search() {
         let d = dirs();
-        std::fs::write(d.site.join("cairnd.toml"), "[fleet]\nurl = \"https://site:3\"\n").unwrap();
+        std::fs::write(
+            d.site.join("cairnd.toml"),
+            "[fleet]\nurl = \"https://site:3\"\n",
+        )
+        .unwrap();
         let explicit = d.vendor.join("mine.toml");
         std::fs::write(&explicit, "[hardware]\npoll_interval_secs = 2\n").unwrap();
         let mut s = sources(&d, &[]);
@@ -404,12 +528,15 @@ mod tests {
     #[test]
     fn env_values_take_their_toml_type() {
         let d = dirs();
-        let c = load(&sources(&d, &[
-            ("CAIRN_HARDWARE_POLL_INTERVAL_SECS", "3"),
-            ("CAIRN_TPM_TCTI", "swtpm:host=127.0.0.1,port=2321"),
-            ("CAIRN_METRICS_LISTEN", "127.0.0.1:9999"),
-            ("CAIRN_CONFIG", "/ignored/here"),
-        ]))
+        let c = load(&sources(
+            &d,
+            &[
+                ("CAIRN_HARDWARE_POLL_INTERVAL_SECS", "3"),
+                ("CAIRN_TPM_TCTI", "swtpm:host=127.0.0.1,port=2321"),
+                ("CAIRN_METRICS_LISTEN", "127.0.0.1:9999"),
+                ("CAIRN_CONFIG", "/ignored/here"),
+            ],
+        ))
         .unwrap()
         .config;
         assert_eq!(c.hardware.poll_interval_secs, 3);
@@ -421,7 +548,10 @@ mod tests {
         let d = dirs();
         std::fs::write(d.site.join("cairnd.toml"), text).unwrap();
         let err = load(&sources(&d, &[])).unwrap_err().to_string();
-        assert!(err.contains("etc-cairn/cairnd.toml"), "error does not name the file: {err}");
+        assert!(
+            err.contains("etc-cairn/cairnd.toml"),
+            "error does not name the file: {err}"
+        );
         assert!(err.contains("fix:"), "error gives no fix: {err}");
         err
     }
@@ -429,7 +559,10 @@ mod tests {
     #[test]
     fn unknown_key_is_named_with_file_and_line() {
         let err = file_error("[fleet]\nurl = \"https://x:1\"\nurll = \"typo\"\n");
-        assert!(err.contains("fleet.urll") || err.contains("`urll`"), "{err}");
+        assert!(
+            err.contains("fleet.urll") || err.contains("`urll`"),
+            "{err}"
+        );
         assert!(err.contains("line 3"), "{err}");
     }
 
@@ -449,14 +582,20 @@ mod tests {
     #[test]
     fn syntax_error_names_the_line() {
         let err = file_error("[fleet]\nurl = \"unterminated\n");
-        assert!(err.contains("not valid TOML") && err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("not valid TOML") && err.contains("line 2"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_values_are_refused_after_merging() {
         for (text, key) in [
             ("[fleet]\nurl = \"http://plain:80\"\n", "fleet.url"),
-            ("[hardware]\npoll_interval_secs = 0\n", "hardware.poll_interval_secs"),
+            (
+                "[hardware]\npoll_interval_secs = 0\n",
+                "hardware.poll_interval_secs",
+            ),
             ("[agent]\nlog_level = \"loud\"\n", "agent.log_level"),
             ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
             ("[tpm]\ntcti = \"carrier-pigeon\"\n", "tpm.tcti"),
@@ -472,7 +611,11 @@ mod tests {
     #[test]
     fn bad_env_names_the_variable() {
         let d = dirs();
-        for (var, value) in [("CAIRN_FLEET_URLL", "https://x:1"), ("CAIRN_NOPE", "1"), ("CAIRN_HARDWARE_POLL_INTERVAL_SECS", "soon")] {
+        for (var, value) in [
+            ("CAIRN_FLEET_URLL", "https://x:1"),
+            ("CAIRN_NOPE", "1"),
+            ("CAIRN_HARDWARE_POLL_INTERVAL_SECS", "soon"),
+        ] {
             let err = load(&sources(&d, &[(var, value)])).unwrap_err().to_string();
             assert!(err.contains(var), "{var}: {err}");
         }
@@ -490,7 +633,10 @@ mod tests {
         let defaults = toml::Value::try_from(Config::default()).unwrap();
         for (section, keys) in defaults.as_table().unwrap() {
             for key in keys.as_table().unwrap().keys() {
-                assert!(text.contains(&format!("\n{key} =")), "example lacks {section}.{key}");
+                assert!(
+                    text.contains(&format!("\n{key} =")),
+                    "example lacks {section}.{key}"
+                );
             }
         }
     }

@@ -47,11 +47,16 @@ pub enum ControlError {
 /// Binds the socket, replacing a stale one left by a crashed agent but never one a live agent answers on.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ControlError::Dir { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse { path: path.to_owned() });
+            return Err(ControlError::InUse {
+                path: path.to_owned(),
+            });
         }
         let _ = std::fs::remove_file(path);
     }
@@ -59,9 +64,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    let listener = listener.map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
+    let listener = listener.map_err(|source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
     Ok(listener)
 }
 
@@ -77,9 +89,14 @@ pub async fn serve(listener: UnixListener, board: StatusBoard) {
                 continue;
             }
         };
-        let allowed = stream.peer_cred().map(|c| c.uid() == 0 || c.uid() == own_uid).unwrap_or(false);
+        let allowed = stream
+            .peer_cred()
+            .map(|c| c.uid() == 0 || c.uid() == own_uid)
+            .unwrap_or(false);
         if !allowed {
-            tracing::warn!("control socket: refused a client that is neither root nor the agent's user");
+            tracing::warn!(
+                "control socket: refused a client that is neither root nor the agent's user"
+            );
             continue;
         }
         let board = board.clone();
@@ -101,7 +118,9 @@ async fn handle(stream: UnixStream, board: &StatusBoard) -> std::io::Result<()> 
             return Ok(());
         }
         let response = if line.len() > MAX_LINE_BYTES {
-            Response::Error { message: format!("request longer than {MAX_LINE_BYTES} bytes") }
+            Response::Error {
+                message: format!("request longer than {MAX_LINE_BYTES} bytes"),
+            }
         } else {
             answer(line.trim_end(), board)
         };
@@ -118,7 +137,11 @@ async fn handle(stream: UnixStream, board: &StatusBoard) -> std::io::Result<()> 
 fn answer(line: &str, board: &StatusBoard) -> Response {
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
-        Err(e) => return Response::Error { message: format!("malformed request: {e}") },
+        Err(e) => {
+            return Response::Error {
+                message: format!("malformed request: {e}"),
+            }
+        }
     };
     if req.version != CONTROL_VERSION {
         return Response::Error {
@@ -132,20 +155,35 @@ fn answer(line: &str, board: &StatusBoard) -> Response {
 
 /// The client side, blocking: what `cairnctl` uses.
 pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Response, ControlError> {
-    let io = |source| ControlError::Io { path: path.to_owned(), source };
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut stream =
-        std::os::unix::net::UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| ControlError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut text = serde_json::to_string(&Request { version: CONTROL_VERSION, command })
-        .map_err(|e| ControlError::Protocol { path: path.to_owned(), reason: e.to_string() })?;
+    let mut text = serde_json::to_string(&Request {
+        version: CONTROL_VERSION,
+        command,
+    })
+    .map_err(|e| ControlError::Protocol {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
     text.push('\n');
     stream.write_all(text.as_bytes()).map_err(io)?;
     let mut reader = BufReader::new(stream.take(MAX_LINE_BYTES as u64 + 1));
     let mut line = String::new();
     reader.read_line(&mut line).map_err(io)?;
-    let response: Response = serde_json::from_str(line.trim_end())
-        .map_err(|e| ControlError::Protocol { path: path.to_owned(), reason: e.to_string() })?;
+    let response: Response =
+        serde_json::from_str(line.trim_end()).map_err(|e| ControlError::Protocol {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     match response {
         Response::Error { message } => Err(ControlError::Refused { message }),
         ok => Ok(ok),

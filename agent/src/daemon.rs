@@ -44,8 +44,10 @@ pub fn run(loaded: Loaded) -> Result<(), DaemonError> {
 
 async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     let config = loaded.config;
-    std::fs::create_dir_all(&config.agent.data_dir)
-        .map_err(|source| DaemonError::DataDir { path: config.agent.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.agent.data_dir).map_err(|source| DaemonError::DataDir {
+        path: config.agent.data_dir.clone(),
+        source,
+    })?;
 
     let board = StatusBoard::new(
         AgentStatus {
@@ -64,7 +66,10 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     let listener = control::bind(&config.agent.control_socket)?;
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics.listen)
         .await
-        .map_err(|source| DaemonError::Metrics { addr: config.metrics.listen, source })?;
+        .map_err(|source| DaemonError::Metrics {
+            addr: config.metrics.listen,
+            source,
+        })?;
 
     // Hardware pollers: blocking calls (NVML, TPM, file reads), each on a thread of its own, stopped through a
     // channel whose sender is dropped at shutdown.
@@ -117,7 +122,11 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         let board = board.clone();
         let fleet = config.fleet.clone();
         tokio::spawn(async move {
-            let client = FleetClient::new(&fleet.url, &fleet.ca_file, Duration::from_secs(fleet.timeout_secs));
+            let client = FleetClient::new(
+                &fleet.url,
+                &fleet.ca_file,
+                Duration::from_secs(fleet.timeout_secs),
+            );
             let mut was_ok = None;
             loop {
                 let result = match &client {
@@ -128,7 +137,9 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                 if was_ok != Some(ok) {
                     match &result {
                         Ok(_) => tracing::info!(url = %fleet.url, "fleet reachable"),
-                        Err(e) => tracing::warn!(url = %fleet.url, reason = %e, "fleet unreachable"),
+                        Err(e) => {
+                            tracing::warn!(url = %fleet.url, reason = %e, "fleet unreachable")
+                        }
                     }
                     was_ok = Some(ok);
                 }

@@ -15,7 +15,11 @@ impl TpmProbe for cairn_tpm::Tpm {
             tcti: self.tcti().to_owned(),
             manufacturer: info.manufacturer,
             firmware_version: info.firmware_version,
-            ek_certificates: info.ek_certificates.iter().map(|c| c.kind.to_owned()).collect(),
+            ek_certificates: info
+                .ek_certificates
+                .iter()
+                .map(|c| c.kind.to_owned())
+                .collect(),
         })
     }
 }

@@ -11,7 +11,9 @@ use std::fmt::Write;
 use tokio::net::TcpListener;
 
 pub async fn serve(listener: TcpListener, board: StatusBoard) {
-    let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -30,22 +32,27 @@ pub async fn serve(listener: TcpListener, board: StatusBoard) {
                     _ => Err(StatusCode::NOT_FOUND),
                 };
                 async move {
-                    let resp = match body {
+                    match body {
                         Ok(text) => Response::builder()
                             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                             .body(Full::new(Bytes::from(text))),
-                        Err(code) => Response::builder().status(code).body(Full::new(Bytes::from_static(b"not found\n"))),
-                    };
-                    resp
+                        Err(code) => Response::builder()
+                            .status(code)
+                            .body(Full::new(Bytes::from_static(b"not found\n"))),
+                    }
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
         });
     }
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -58,17 +65,50 @@ fn up<T>(c: &ComponentStatus<T>) -> u8 {
 
 pub fn render(s: &Status, hostname: &str) -> String {
     let mut out = String::with_capacity(4096);
-    header(&mut out, "cairn_build_info", "gauge", "Version of the running cairn agent.");
-    let _ = writeln!(out, "cairn_build_info{{version=\"{}\"}} 1", escape(&s.agent.version));
-    header(&mut out, "cairn_agent_uptime_seconds", "gauge", "Seconds since cairnd started.");
+    header(
+        &mut out,
+        "cairn_build_info",
+        "gauge",
+        "Version of the running cairn agent.",
+    );
+    let _ = writeln!(
+        out,
+        "cairn_build_info{{version=\"{}\"}} 1",
+        escape(&s.agent.version)
+    );
+    header(
+        &mut out,
+        "cairn_agent_uptime_seconds",
+        "gauge",
+        "Seconds since cairnd started.",
+    );
     let _ = writeln!(out, "cairn_agent_uptime_seconds {}", s.agent.uptime_secs);
-    header(&mut out, "cairn_component_up", "gauge", "1 if the agent could use the component at its last check.");
-    for (name, v) in [("tpm", up(&s.tpm)), ("gpus", up(&s.gpus)), ("sensors", up(&s.sensors)), ("fleet", up(&s.fleet))] {
+    header(
+        &mut out,
+        "cairn_component_up",
+        "gauge",
+        "1 if the agent could use the component at its last check.",
+    );
+    for (name, v) in [
+        ("tpm", up(&s.tpm)),
+        ("gpus", up(&s.gpus)),
+        ("sensors", up(&s.sensors)),
+        ("fleet", up(&s.fleet)),
+    ] {
         let _ = writeln!(out, "cairn_component_up{{component=\"{name}\"}} {v}");
     }
     if let Some(f) = s.fleet.facts() {
-        header(&mut out, "cairn_fleet_round_trip_seconds", "gauge", "Duration of the last successful fleet check.");
-        let _ = writeln!(out, "cairn_fleet_round_trip_seconds {}", f.round_trip_ms as f64 / 1000.0);
+        header(
+            &mut out,
+            "cairn_fleet_round_trip_seconds",
+            "gauge",
+            "Duration of the last successful fleet check.",
+        );
+        let _ = writeln!(
+            out,
+            "cairn_fleet_round_trip_seconds {}",
+            f.round_trip_ms as f64 / 1000.0
+        );
     }
     if let Some(g) = s.gpus.facts() {
         header(&mut out, "cairn_gpus", "gauge", "GPUs NVML reports.");
@@ -84,13 +124,23 @@ pub fn render(s: &Status, hostname: &str) -> String {
                 escape(hostname)
             )
         };
-        header(&mut out, "DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C).");
+        header(
+            &mut out,
+            "DCGM_FI_DEV_GPU_TEMP",
+            "gauge",
+            "GPU temperature (in C).",
+        );
         for gpu in &g.gpus {
             if let Some(t) = gpu.temperature_c {
                 let _ = writeln!(out, "DCGM_FI_DEV_GPU_TEMP{{{}}} {t}", labels(gpu));
             }
         }
-        header(&mut out, "DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W).");
+        header(
+            &mut out,
+            "DCGM_FI_DEV_POWER_USAGE",
+            "gauge",
+            "Power draw (in W).",
+        );
         for gpu in &g.gpus {
             if let Some(p) = gpu.power_w {
                 let _ = writeln!(out, "DCGM_FI_DEV_POWER_USAGE{{{}}} {p}", labels(gpu));
@@ -98,7 +148,12 @@ pub fn render(s: &Status, hostname: &str) -> String {
         }
     }
     if let Some(sensors) = s.sensors.facts() {
-        header(&mut out, "cairn_nvme_drives", "gauge", "NVMe controllers seen in sysfs.");
+        header(
+            &mut out,
+            "cairn_nvme_drives",
+            "gauge",
+            "NVMe controllers seen in sysfs.",
+        );
         let _ = writeln!(out, "cairn_nvme_drives {}", sensors.nvme_drives.len());
     }
     out

@@ -21,7 +21,10 @@ impl StatusBoard {
             sensors: ComponentStatus::Unknown,
             fleet: ComponentStatus::Unknown,
         };
-        StatusBoard { inner: Arc::new(RwLock::new(status)), started: Instant::now() }
+        StatusBoard {
+            inner: Arc::new(RwLock::new(status)),
+            started: Instant::now(),
+        }
     }
 
     pub fn snapshot(&self) -> Status {
@@ -37,14 +40,23 @@ impl StatusBoard {
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A component's status from a check's result.
 pub fn component<T>(result: Result<T, String>) -> ComponentStatus<T> {
     let checked_unix = now_unix();
     match result {
-        Ok(facts) => ComponentStatus::Ok { facts, checked_unix },
-        Err(reason) => ComponentStatus::Unavailable { reason, checked_unix },
+        Ok(facts) => ComponentStatus::Ok {
+            facts,
+            checked_unix,
+        },
+        Err(reason) => ComponentStatus::Unavailable {
+            reason,
+            checked_unix,
+        },
     }
 }

@@ -22,15 +22,28 @@ pub struct FleetUrl {
 
 impl FleetUrl {
     pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
         if uri.scheme_str() != Some("https") {
             return Err(format!("{url:?} is not an https URL"));
         }
-        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("{url:?} has no host"))?;
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{url:?} has no host"))?;
         if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(format!("{url:?} has a path; give only scheme, host and port"));
+            return Err(format!(
+                "{url:?} has a path; give only scheme, host and port"
+            ));
         }
-        Ok(FleetUrl { host: host.trim_start_matches('[').trim_end_matches(']').to_owned(), port: uri.port_u16().unwrap_or(443) })
+        Ok(FleetUrl {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: uri.port_u16().unwrap_or(443),
+        })
     }
 
     fn authority(&self) -> String {
@@ -73,11 +86,22 @@ pub enum UplinkError {
         source: hyper::Error,
     },
     #[error("fleet {authority} answered {path} with status {status}")]
-    Status { authority: String, path: &'static str, status: u16 },
+    Status {
+        authority: String,
+        path: &'static str,
+        status: u16,
+    },
     #[error("fleet {authority} sent a response to {path} that is not valid: {reason}")]
-    Body { authority: String, path: &'static str, reason: String },
+    Body {
+        authority: String,
+        path: &'static str,
+        reason: String,
+    },
     #[error("fleet {authority} speaks protocol versions {offered:?}; this agent speaks {FLEET_PROTOCOL_VERSION}")]
-    Version { authority: String, offered: Vec<u32> },
+    Version {
+        authority: String,
+        offered: Vec<u32>,
+    },
 }
 
 /// A client for one fleet. Cheap to clone; each request opens its own connection (requests are rare).
@@ -90,15 +114,25 @@ pub struct FleetClient {
 
 impl std::fmt::Debug for FleetClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FleetClient").field("url", &self.url).field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("FleetClient")
+            .field("url", &self.url)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
 impl FleetClient {
     pub fn new(url: &str, ca_file: &Path, timeout: Duration) -> Result<Self, UplinkError> {
-        let url = FleetUrl::parse(url).map_err(|reason| UplinkError::Body { authority: url.to_owned(), path: "/", reason })?;
+        let url = FleetUrl::parse(url).map_err(|reason| UplinkError::Body {
+            authority: url.to_owned(),
+            path: "/",
+            reason,
+        })?;
         let path = ca_file.display().to_string();
-        let pem = std::fs::read(ca_file).map_err(|source| UplinkError::CaRead { path: path.clone(), source })?;
+        let pem = std::fs::read(ca_file).map_err(|source| UplinkError::CaRead {
+            path: path.clone(),
+            source,
+        })?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
             // A malformed certificate among good ones is skipped; an empty result is refused below.
@@ -110,10 +144,17 @@ impl FleetClient {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| UplinkError::Tls { authority: url.authority(), source: std::io::Error::other(e) })?
+            .map_err(|e| UplinkError::Tls {
+                authority: url.authority(),
+                source: std::io::Error::other(e),
+            })?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(FleetClient { url, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), timeout })
+        Ok(FleetClient {
+            url,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            timeout,
+        })
     }
 
     /// `GET /v1/info`, checking that the fleet speaks our protocol. Returns the answer and the round trip.
@@ -121,10 +162,16 @@ impl FleetClient {
         let started = Instant::now();
         let body = self.get(INFO_PATH).await?;
         let authority = self.url.authority();
-        let info: FleetInfo = serde_json::from_slice(&body)
-            .map_err(|e| UplinkError::Body { authority: authority.clone(), path: INFO_PATH, reason: e.to_string() })?;
+        let info: FleetInfo = serde_json::from_slice(&body).map_err(|e| UplinkError::Body {
+            authority: authority.clone(),
+            path: INFO_PATH,
+            reason: e.to_string(),
+        })?;
         if !info.protocol_versions.contains(&FLEET_PROTOCOL_VERSION) {
-            return Err(UplinkError::Version { authority, offered: info.protocol_versions });
+            return Err(UplinkError::Version {
+                authority,
+                offered: info.protocol_versions,
+            });
         }
         Ok((info, started.elapsed()))
     }
@@ -141,29 +188,67 @@ impl FleetClient {
         let authority = self.url.authority();
         let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
             .await
-            .map_err(|source| UplinkError::Connect { authority: authority.clone(), source })?;
-        let name = rustls::pki_types::ServerName::try_from(self.url.host.clone())
-            .map_err(|e| UplinkError::Tls { authority: authority.clone(), source: std::io::Error::other(e) })?;
-        let tls = self.tls.connect(name, tcp).await.map_err(|source| UplinkError::Tls { authority: authority.clone(), source })?;
+            .map_err(|source| UplinkError::Connect {
+                authority: authority.clone(),
+                source,
+            })?;
+        let name = rustls::pki_types::ServerName::try_from(self.url.host.clone()).map_err(|e| {
+            UplinkError::Tls {
+                authority: authority.clone(),
+                source: std::io::Error::other(e),
+            }
+        })?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|source| UplinkError::Tls {
+                authority: authority.clone(),
+                source,
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|source| UplinkError::Http { authority: authority.clone(), source })?;
+            .map_err(|source| UplinkError::Http {
+                authority: authority.clone(),
+                source,
+            })?;
         let conn = tokio::spawn(conn);
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, &authority)
-            .header(hyper::header::USER_AGENT, concat!("cairnd/", env!("CARGO_PKG_VERSION")))
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("cairnd/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Empty::<Bytes>::new())
-            .map_err(|e| UplinkError::Body { authority: authority.clone(), path, reason: e.to_string() })?;
-        let resp = sender.send_request(req).await.map_err(|source| UplinkError::Http { authority: authority.clone(), source })?;
+            .map_err(|e| UplinkError::Body {
+                authority: authority.clone(),
+                path,
+                reason: e.to_string(),
+            })?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| UplinkError::Http {
+                authority: authority.clone(),
+                source,
+            })?;
         let status = resp.status().as_u16();
         let body = Limited::new(resp.into_body(), MAX_BODY_BYTES)
             .collect()
             .await
-            .map_err(|e| UplinkError::Body { authority: authority.clone(), path, reason: e.to_string() })?
+            .map_err(|e| UplinkError::Body {
+                authority: authority.clone(),
+                path,
+                reason: e.to_string(),
+            })?
             .to_bytes();
         conn.abort();
         if status != 200 {
-            return Err(UplinkError::Status { authority, path, status });
+            return Err(UplinkError::Status {
+                authority,
+                path,
+                status,
+            });
         }
         Ok(body)
     }
@@ -175,9 +260,18 @@ mod tests {
 
     #[test]
     fn fleet_urls() {
-        assert_eq!(FleetUrl::parse("https://fleet.example:8443").unwrap(), FleetUrl { host: "fleet.example".into(), port: 8443 });
+        assert_eq!(
+            FleetUrl::parse("https://fleet.example:8443").unwrap(),
+            FleetUrl {
+                host: "fleet.example".into(),
+                port: 8443
+            }
+        );
         assert_eq!(FleetUrl::parse("https://fleet.example/").unwrap().port, 443);
-        assert_eq!(FleetUrl::parse("https://[::1]:9").unwrap().authority(), "[::1]:9");
+        assert_eq!(
+            FleetUrl::parse("https://[::1]:9").unwrap().authority(),
+            "[::1]:9"
+        );
         for bad in ["http://x:1", "fleet.example", "https://x:1/v1", "https://"] {
             assert!(FleetUrl::parse(bad).is_err(), "{bad} accepted");
         }

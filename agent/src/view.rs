@@ -14,17 +14,42 @@ fn line<T>(out: &mut String, label: &str, c: &ComponentStatus<T>, ok: impl Fn(&T
 
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<11}cairnd {} (pid {}, up {} s)", "agent", s.agent.version, s.agent.pid, s.agent.uptime_secs);
-    let _ = writeln!(out, "{:<11}{} — {}", "onboarding", s.onboarding.state, s.onboarding.detail);
+    let _ = writeln!(
+        out,
+        "{:<11}cairnd {} (pid {}, up {} s)",
+        "agent", s.agent.version, s.agent.pid, s.agent.uptime_secs
+    );
+    let _ = writeln!(
+        out,
+        "{:<11}{} — {}",
+        "onboarding", s.onboarding.state, s.onboarding.detail
+    );
     line(&mut out, "tpm", &s.tpm, |t| {
-        let certs = if t.ek_certificates.is_empty() { "no EK certificate".to_owned() } else { format!("EK certificates: {}", t.ek_certificates.join(", ")) };
-        format!("{} firmware {}, {certs} ({})", t.manufacturer, t.firmware_version, t.tcti)
+        let certs = if t.ek_certificates.is_empty() {
+            "no EK certificate".to_owned()
+        } else {
+            format!("EK certificates: {}", t.ek_certificates.join(", "))
+        };
+        format!(
+            "{} firmware {}, {certs} ({})",
+            t.manufacturer, t.firmware_version, t.tcti
+        )
     });
     line(&mut out, "gpus", &s.gpus, |g| {
         let lost = g.gpus.iter().filter(|x| x.problem.is_some()).count();
-        let mut names: Vec<&str> = g.gpus.iter().map(|x| x.name.as_str()).filter(|n| !n.is_empty()).collect();
+        let mut names: Vec<&str> = g
+            .gpus
+            .iter()
+            .map(|x| x.name.as_str())
+            .filter(|n| !n.is_empty())
+            .collect();
         names.dedup();
-        let mut t = format!("{} GPU(s) {} (driver {})", g.gpus.len(), names.join(", "), g.driver_version);
+        let mut t = format!(
+            "{} GPU(s) {} (driver {})",
+            g.gpus.len(),
+            names.join(", "),
+            g.driver_version
+        );
         if lost > 0 {
             let _ = write!(t, "; {lost} with problems");
         }
@@ -32,13 +57,33 @@ pub fn render(s: &Status) -> String {
     });
     if let Some(g) = s.gpus.facts() {
         for gpu in g.gpus.iter().filter(|x| x.problem.is_some()) {
-            let bus = if gpu.pci_bus_id.is_empty() { String::new() } else { format!(" ({})", gpu.pci_bus_id) };
-            let _ = writeln!(out, "{:<11}  GPU {}{bus}: {}", "", gpu.index, gpu.problem.as_deref().unwrap_or_default());
+            let bus = if gpu.pci_bus_id.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", gpu.pci_bus_id)
+            };
+            let _ = writeln!(
+                out,
+                "{:<11}  GPU {}{bus}: {}",
+                "",
+                gpu.index,
+                gpu.problem.as_deref().unwrap_or_default()
+            );
         }
     }
     line(&mut out, "sensors", &s.sensors, |x| {
-        format!("{} NVMe drive(s), {} hwmon chip(s), {} RAPL zone(s)", x.nvme_drives.len(), x.hwmon_chips.len(), x.rapl_zones.len())
+        format!(
+            "{} NVMe drive(s), {} hwmon chip(s), {} RAPL zone(s)",
+            x.nvme_drives.len(),
+            x.hwmon_chips.len(),
+            x.rapl_zones.len()
+        )
     });
-    line(&mut out, "fleet", &s.fleet, |f| format!("{} reachable, protocol v{}, {} ms", f.url, f.protocol_version, f.round_trip_ms));
+    line(&mut out, "fleet", &s.fleet, |f| {
+        format!(
+            "{} reachable, protocol v{}, {} ms",
+            f.url, f.protocol_version, f.round_trip_ms
+        )
+    });
     out
 }

@@ -1,6 +1,8 @@
 //! cairnd as a process: configuration errors and their exit code, a run with nothing usable around it, and
 //! a clean stop on SIGTERM.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,18 +26,28 @@ fn cairnd(config: &Path) -> Command {
 fn broken_config_exits_78_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cairnd.toml");
-    std::fs::write(&cfg, "[hardware]\npoll_interval_secs = 5\nsys_rooot = \"/\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[hardware]\npoll_interval_secs = 5\nsys_rooot = \"/\"\n",
+    )
+    .unwrap();
     let out = cairnd(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&cfg.display().to_string()), "{err}");
-    assert!(err.contains("sys_rooot") && err.contains("line 3") && err.contains("fix:"), "{err}");
+    assert!(
+        err.contains("sys_rooot") && err.contains("line 3") && err.contains("fix:"),
+        "{err}"
+    );
 
     let out = cairnd(&dir.path().join("missing.toml")).output().unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 
-    let out = cairnd(&cfg).env("CAIRN_FLEET_URL", "ftp://nope").output().unwrap();
+    let out = cairnd(&cfg)
+        .env("CAIRN_FLEET_URL", "ftp://nope")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78), "env layer must be checked too");
 }
 
@@ -45,11 +57,26 @@ fn check_config_prints_the_merged_result() {
     let cfg = dir.path().join("cairnd.toml");
     std::fs::write(&cfg, "[fleet]\nurl = \"https://fleet.example:9443\"\n").unwrap();
     std::fs::create_dir(dir.path().join("cairnd.toml.d")).unwrap();
-    std::fs::write(dir.path().join("cairnd.toml.d/50-poll.toml"), "[hardware]\npoll_interval_secs = 3\n").unwrap();
-    let out = cairnd(&cfg).arg("--check-config").env("CAIRN_TPM_PROBE_INTERVAL_SECS", "7").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        dir.path().join("cairnd.toml.d/50-poll.toml"),
+        "[hardware]\npoll_interval_secs = 3\n",
+    )
+    .unwrap();
+    let out = cairnd(&cfg)
+        .arg("--check-config")
+        .env("CAIRN_TPM_PROBE_INTERVAL_SECS", "7")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("url = \"https://fleet.example:9443\""), "{text}");
+    assert!(
+        text.contains("url = \"https://fleet.example:9443\""),
+        "{text}"
+    );
     assert!(text.contains("poll_interval_secs = 3"), "{text}");
     assert!(text.contains("probe_interval_secs = 7"), "{text}");
 }
@@ -61,7 +88,11 @@ fn runs_degraded_answers_status_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("control.sock");
     let cfg = dir.path().join("cairnd.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     std::fs::write(
         &cfg,
         format!(
@@ -76,30 +107,58 @@ fn runs_degraded_answers_status_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = cairnd(&cfg).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cairnd(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        let out = Command::new(CAIRNCTL).args(["--socket"]).arg(&sock).args(["status", "--json"]).output().unwrap();
+        let out = Command::new(CAIRNCTL)
+            .args(["--socket"])
+            .arg(&sock)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if ["tpm", "gpus", "sensors", "fleet"].iter().all(|k| v[k]["state"] != "unknown") {
+            if ["tpm", "gpus", "sensors", "fleet"]
+                .iter()
+                .all(|k| v[k]["state"] != "unknown")
+            {
                 break v;
             }
         }
-        assert!(Instant::now() < deadline, "cairnd never reported every component");
+        assert!(
+            Instant::now() < deadline,
+            "cairnd never reported every component"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status["onboarding"]["state"], "unprovisioned");
-    for (key, words) in [("tpm", "port=1"), ("gpus", "NVML unavailable"), ("sensors", "hardware.sys_root"), ("fleet", "no-ca.pem")] {
+    for (key, words) in [
+        ("tpm", "port=1"),
+        ("gpus", "NVML unavailable"),
+        ("sensors", "hardware.sys_root"),
+        ("fleet", "no-ca.pem"),
+    ] {
         assert_eq!(status[key]["state"], "unavailable", "{key}: {status}");
         let reason = status[key]["reason"].as_str().unwrap();
-        assert!(reason.contains(words), "{key} reason {reason:?} lacks {words:?}");
+        assert!(
+            reason.contains(words),
+            "{key} reason {reason:?} lacks {words:?}"
+        );
     }
     assert!(dir.path().join("data").is_dir(), "data dir created");
 
     // Human output names the problems too.
-    let human = Command::new(CAIRNCTL).arg("--socket").arg(&sock).arg("status").output().unwrap();
+    let human = Command::new(CAIRNCTL)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("status")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("PROBLEM — NVML unavailable"), "{text}");
 
@@ -117,7 +176,12 @@ fn runs_degraded_answers_status_and_stops_on_sigterm() {
     assert!(!sock.exists(), "control socket left behind");
 
     // And cairnctl then says plainly that the agent is not there (exit 69).
-    let out = Command::new(CAIRNCTL).arg("--socket").arg(&sock).arg("status").output().unwrap();
+    let out = Command::new(CAIRNCTL)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("status")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach cairnd"));
 }

@@ -1,5 +1,7 @@
 //! The control socket, in process: permissions, answers, bad requests, and one agent per socket.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use cairn_agent::control::{self, ControlError};
 use cairn_agent::status::{component, StatusBoard};
 use cairn_proto::control::{AgentStatus, Command, OnboardingStatus, Response, TpmFacts};
@@ -9,8 +11,17 @@ use std::time::Duration;
 
 fn board() -> StatusBoard {
     let b = StatusBoard::new(
-        AgentStatus { version: "test".into(), pid: 1, uptime_secs: 0, config_sources: vec![], data_dir: "/x".into() },
-        OnboardingStatus { state: "unprovisioned".into(), detail: String::new() },
+        AgentStatus {
+            version: "test".into(),
+            pid: 1,
+            uptime_secs: 0,
+            config_sources: vec![],
+            data_dir: "/x".into(),
+        },
+        OnboardingStatus {
+            state: "unprovisioned".into(),
+            detail: String::new(),
+        },
     );
     b.update(|s| {
         s.tpm = component(Ok(TpmFacts {
@@ -53,15 +64,26 @@ async fn status_round_trip_and_bad_requests() {
     })
     .await
     .unwrap();
-    let Response::Status(s) = status else { panic!("not a status: {status:?}") };
+    let Response::Status(s) = status else {
+        panic!("not a status: {status:?}")
+    };
     assert_eq!(s.tpm.facts().unwrap().manufacturer, "IBM");
     assert_eq!(s.agent.version, "test");
     assert!(bad_json.contains("malformed request"), "{bad_json}");
-    assert!(bad_version.contains("version 99 is not supported"), "{bad_version}");
-    assert!(unknown.contains("malformed request") && unknown.contains("reboot"), "{unknown}");
+    assert!(
+        bad_version.contains("version 99 is not supported"),
+        "{bad_version}"
+    );
+    assert!(
+        unknown.contains("malformed request") && unknown.contains("reboot"),
+        "{unknown}"
+    );
 
     // A second agent must not steal the socket of a live one.
-    assert!(matches!(control::bind(&path), Err(ControlError::InUse { .. })));
+    assert!(matches!(
+        control::bind(&path),
+        Err(ControlError::InUse { .. })
+    ));
     server.abort();
 }
 
@@ -88,11 +110,19 @@ fn stale_socket_is_replaced_and_missing_agent_is_named() {
     // A socket file with nobody behind it, as a crashed agent leaves.
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async { control::bind(&path).unwrap() });
     drop(rt);
 
-    let err = control::request(&dir.path().join("absent.sock"), Command::Status, Duration::from_secs(1)).unwrap_err();
+    let err = control::request(
+        &dir.path().join("absent.sock"),
+        Command::Status,
+        Duration::from_secs(1),
+    )
+    .unwrap_err();
     assert!(matches!(err, ControlError::Connect { .. }));
     assert!(err.to_string().contains("absent.sock"), "{err}");
 }

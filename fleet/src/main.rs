@@ -45,9 +45,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
-    let Args { command: Cmd::Serve { listen, state, names, ready_file } } = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let Args {
+        command:
+            Cmd::Serve {
+                listen,
+                state,
+                names,
+                ready_file,
+            },
+    } = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cairn-fleet: cannot start the async runtime: {e}");
@@ -55,7 +69,13 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let fleet = match Fleet::bind(&ServeOptions { listen, state: state.clone(), names }).await {
+        let fleet = match Fleet::bind(&ServeOptions {
+            listen,
+            state: state.clone(),
+            names,
+        })
+        .await
+        {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("cairn-fleet: {}", error_chain(&e));
@@ -70,7 +90,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(t), Ok(i)) => (t, i),
             _ => {
                 eprintln!("cairn-fleet: cannot install signal handlers");

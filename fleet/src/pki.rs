@@ -2,7 +2,9 @@
 //! directory (mode 0600); the CA certificate (`ca.pem`) is what device images ship as their trust anchor.
 //! The server certificate is re-issued at every start, for the names the fleet is reached by.
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -45,14 +47,27 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::CommonName, "cairn fleet CA");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
-    let werr = |source| PkiError::Write { path: path.to_owned(), source };
+    let werr = |source| PkiError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(werr)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(werr)?;
     f.write_all(text.as_bytes()).map_err(werr)?;
     f.sync_all().map_err(werr)?;
     std::fs::rename(&tmp, path).map_err(werr)
@@ -65,25 +80,43 @@ pub fn load_or_create(state: &Path, names: &[String]) -> Result<ServerIdentity, 
     let gen = |e: rcgen::Error| PkiError::Generate(e.to_string());
 
     let ca_key = if key_path.exists() {
-        let pem = std::fs::read_to_string(&key_path).map_err(|source| PkiError::Read { path: key_path.clone(), source })?;
-        KeyPair::from_pem(&pem).map_err(|e| PkiError::BadKey { path: key_path.clone(), reason: e.to_string() })?
+        let pem = std::fs::read_to_string(&key_path).map_err(|source| PkiError::Read {
+            path: key_path.clone(),
+            source,
+        })?;
+        KeyPair::from_pem(&pem).map_err(|e| PkiError::BadKey {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?
     } else {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
         write_private(&key_path, &key.serialize_pem())?;
         key
     };
     let ca_pem = if cert_path.exists() {
-        std::fs::read_to_string(&cert_path).map_err(|source| PkiError::Read { path: cert_path.clone(), source })?
+        std::fs::read_to_string(&cert_path).map_err(|source| PkiError::Read {
+            path: cert_path.clone(),
+            source,
+        })?
     } else {
         let pem = ca_params().self_signed(&ca_key).map_err(gen)?.pem();
-        std::fs::write(&cert_path, &pem).map_err(|source| PkiError::Write { path: cert_path.clone(), source })?;
+        std::fs::write(&cert_path, &pem).map_err(|source| PkiError::Write {
+            path: cert_path.clone(),
+            source,
+        })?;
         pem
     };
     // Verifiers match the issuer by name and key, both stable, so the CA parameters need not be re-read.
     let issuer = rcgen::Issuer::new(ca_params(), ca_key);
     let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
     let mut params = CertificateParams::new(names.to_vec()).map_err(gen)?;
-    params.distinguished_name.push(DnType::CommonName, "cairn fleet");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "cairn fleet");
     let cert = params.signed_by(&server_key, &issuer).map_err(gen)?;
-    Ok(ServerIdentity { ca_pem, cert_pem: cert.pem(), key_pem: server_key.serialize_pem() })
+    Ok(ServerIdentity {
+        ca_pem,
+        cert_pem: cert.pem(),
+        key_pem: server_key.serialize_pem(),
+    })
 }

@@ -49,13 +49,18 @@ pub struct Fleet {
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fleet").field("local_addr", &self.local_addr).finish_non_exhaustive()
+        f.debug_struct("Fleet")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
 impl Fleet {
     pub async fn bind(opts: &ServeOptions) -> Result<Self, ServeError> {
-        std::fs::create_dir_all(&opts.state).map_err(|source| ServeError::State { path: opts.state.clone(), source })?;
+        std::fs::create_dir_all(&opts.state).map_err(|source| ServeError::State {
+            path: opts.state.clone(),
+            source,
+        })?;
         let mut names = opts.names.clone();
         names.push(opts.listen.ip().to_string());
         names.push("localhost".into());
@@ -76,9 +81,22 @@ impl Fleet {
             .with_single_cert(certs, key)
             .map_err(|e| ServeError::Tls(e.to_string()))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let listener = TcpListener::bind(opts.listen).await.map_err(|source| ServeError::Listen { addr: opts.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: opts.listen, source })?;
-        Ok(Fleet { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), local_addr })
+        let listener =
+            TcpListener::bind(opts.listen)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: opts.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| ServeError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+        Ok(Fleet {
+            listener,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            local_addr,
+        })
     }
 
     /// Serves until the task is dropped. A bad client only ever costs its own connection.
@@ -94,7 +112,12 @@ impl Fleet {
             };
             let acceptor = self.acceptor.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -102,8 +125,13 @@ impl Fleet {
                     }
                     Err(_) => return,
                 };
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move { Ok::<_, hyper::Error>(route(&req)) });
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    Ok::<_, hyper::Error>(route(&req))
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+                {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             });
@@ -115,7 +143,10 @@ fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -131,7 +162,10 @@ fn route(req: &Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         (_, path) => json(
             StatusCode::NOT_FOUND,
-            &FleetError { code: "not_found".into(), message: format!("{} {path} is not part of fleet protocol v1", req.method()) },
+            &FleetError {
+                code: "not_found".into(),
+                message: format!("{} {path} is not part of fleet protocol v1", req.method()),
+            },
         ),
     }
 }

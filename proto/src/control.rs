@@ -144,7 +144,10 @@ mod tests {
 
     #[test]
     fn request_has_a_stable_wire_form() {
-        let req = Request { version: CONTROL_VERSION, command: Command::Status };
+        let req = Request {
+            version: CONTROL_VERSION,
+            command: Command::Status,
+        };
         let text = serde_json::to_string(&req).unwrap();
         assert_eq!(text, r#"{"version":1,"command":"status"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
@@ -152,13 +155,18 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_commands_are_refused() {
-        assert!(serde_json::from_str::<Request>(r#"{"version":1,"command":"status","x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"version":1,"command":"status","x":1}"#).is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"version":1,"command":"reboot"}"#).is_err());
     }
 
     #[test]
     fn component_status_is_tagged() {
-        let s: ComponentStatus<TpmFacts> = ComponentStatus::Unavailable { reason: "no TPM".into(), checked_unix: 5 };
+        let s: ComponentStatus<TpmFacts> = ComponentStatus::Unavailable {
+            reason: "no TPM".into(),
+            checked_unix: 5,
+        };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"], "unavailable");
         assert_eq!(v["reason"], "no TPM");

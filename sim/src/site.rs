@@ -26,15 +26,24 @@ pub enum SiteError {
     #[error(transparent)]
     Swtpm(#[from] cairn_tpm::swtpm::SwtpmError),
     #[error("{what} did not become ready within {secs} s; its log is {log}")]
-    NotReady { what: &'static str, secs: u64, log: PathBuf },
+    NotReady {
+        what: &'static str,
+        secs: u64,
+        log: PathBuf,
+    },
     #[error("{path} is not a simulated site description: {reason}")]
     BadEnv { path: PathBuf, reason: String },
-    #[error("a site is already running in {dir} (cairnd pid {pid}); run `just sim-down {dir}` first")]
+    #[error(
+        "a site is already running in {dir} (cairnd pid {pid}); run `just sim-down {dir}` first"
+    )]
     AlreadyUp { dir: PathBuf, pid: u32 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SiteError + '_ {
-    move |source| SiteError::Io { path: path.to_owned(), source }
+    move |source| SiteError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -48,7 +57,11 @@ pub struct SiteOptions {
 
 impl Default for SiteOptions {
     fn default() -> Self {
-        SiteOptions { gpu_profile: "h100x8".into(), tree: TreeProfile::default(), poll_interval_secs: 1 }
+        SiteOptions {
+            gpu_profile: "h100x8".into(),
+            tree: TreeProfile::default(),
+            poll_interval_secs: 1,
+        }
     }
 }
 
@@ -84,14 +97,21 @@ impl SiteEnv {
     }
 
     fn parse(path: &Path, text: &str) -> Result<Self, SiteError> {
-        let bad = |reason: String| SiteError::BadEnv { path: path.to_owned(), reason };
+        let bad = |reason: String| SiteError::BadEnv {
+            path: path.to_owned(),
+            reason,
+        };
         let get = |key: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
                 .map(str::to_owned)
                 .ok_or_else(|| bad(format!("no {key} line")))
         };
-        let pid = |key: &str| get(key)?.parse::<u32>().map_err(|e| bad(format!("{key}: {e}")));
+        let pid = |key: &str| {
+            get(key)?
+                .parse::<u32>()
+                .map_err(|e| bad(format!("{key}: {e}")))
+        };
         Ok(SiteEnv {
             cairn_config: get("CAIRN_CONFIG")?.into(),
             cairnd_pid: pid("CAIRND_PID")?,
@@ -115,7 +135,12 @@ pub struct Site {
     stop_on_drop: bool,
 }
 
-fn spawn_logged(program: &Path, args: &[&str], envs: &[(&str, &Path)], log: &Path) -> Result<u32, SiteError> {
+fn spawn_logged(
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &Path)],
+    log: &Path,
+) -> Result<u32, SiteError> {
     let out = std::fs::File::create(log).map_err(io(log))?;
     let err = out.try_clone().map_err(io(log))?;
     let mut cmd = std::process::Command::new(program);
@@ -138,7 +163,9 @@ fn spawn_logged(program: &Path, args: &[&str], envs: &[(&str, &Path)], log: &Pat
 
 fn free_port() -> Result<u16, SiteError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io(Path::new("127.0.0.1:0")))?;
-    l.local_addr().map(|a| a.port()).map_err(io(Path::new("127.0.0.1:0")))
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(io(Path::new("127.0.0.1:0")))
 }
 
 impl Site {
@@ -147,20 +174,32 @@ impl Site {
         let dir = dir.canonicalize().map_err(io(dir))?;
         if let Ok(existing) = Site::load(&dir) {
             if process::is_running(existing.env.cairnd_pid, "cairnd") {
-                return Err(SiteError::AlreadyUp { dir, pid: existing.env.cairnd_pid });
+                return Err(SiteError::AlreadyUp {
+                    dir,
+                    pid: existing.env.cairnd_pid,
+                });
             }
         }
         let bins = bin_dir();
         for (what, name) in [("cairnd", "cairnd"), ("cairn-fleet", "cairn-fleet")] {
             if !bins.join(name).exists() {
-                return Err(SiteError::MissingBinary { what, path: bins.join(name) });
+                return Err(SiteError::MissingBinary {
+                    what,
+                    path: bins.join(name),
+                });
             }
         }
         // `cargo build` puts the cdylib beside the binaries; `cargo test` leaves it in deps/.
-        let nvml_library = [bins.join("libcairn_fake_nvml.so"), bins.join("deps/libcairn_fake_nvml.so")]
-            .into_iter()
-            .find(|p| p.exists())
-            .ok_or_else(|| SiteError::MissingBinary { what: "the fake NVML library", path: bins.join("libcairn_fake_nvml.so") })?;
+        let nvml_library = [
+            bins.join("libcairn_fake_nvml.so"),
+            bins.join("deps/libcairn_fake_nvml.so"),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .ok_or_else(|| SiteError::MissingBinary {
+            what: "the fake NVML library",
+            path: bins.join("libcairn_fake_nvml.so"),
+        })?;
         for sub in ["logs", "run", "agent/data", "fleet", "tpm"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
         }
@@ -222,7 +261,11 @@ impl Site {
     pub fn load(dir: &Path) -> Result<Site, SiteError> {
         let path = dir.join("site.env");
         let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-        Ok(Site { dir: dir.to_owned(), env: SiteEnv::parse(&path, &text)?, stop_on_drop: false })
+        Ok(Site {
+            dir: dir.to_owned(),
+            env: SiteEnv::parse(&path, &text)?,
+            stop_on_drop: false,
+        })
     }
 
     /// Leaves the site running after this value is dropped.
@@ -243,14 +286,29 @@ impl Site {
         let ready_s = ready.display().to_string();
         self.env.fleet_pid = spawn_logged(
             &bin_dir().join("cairn-fleet"),
-            &["serve", "--listen", listen, "--state", &state, "--ready-file", &ready_s],
+            &[
+                "serve",
+                "--listen",
+                listen,
+                "--state",
+                &state,
+                "--ready-file",
+                &ready_s,
+            ],
             &[],
             &log,
         )?;
         let url = wait_for(START_TIMEOUT, || {
-            std::fs::read_to_string(&ready).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+            std::fs::read_to_string(&ready)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
         })
-        .ok_or(SiteError::NotReady { what: "cairn-fleet", secs: START_TIMEOUT.as_secs(), log })?;
+        .ok_or(SiteError::NotReady {
+            what: "cairn-fleet",
+            secs: START_TIMEOUT.as_secs(),
+            log,
+        })?;
         self.env.fleet_url = url;
         self.save()
     }
@@ -291,7 +349,11 @@ impl Site {
             Some(())
         });
         if !process::is_running(pid, "cairnd") || self.status().is_err() {
-            return Err(SiteError::NotReady { what: "cairnd", secs: START_TIMEOUT.as_secs(), log });
+            return Err(SiteError::NotReady {
+                what: "cairnd",
+                secs: START_TIMEOUT.as_secs(),
+                log,
+            });
         }
         Ok(())
     }
@@ -302,7 +364,11 @@ impl Site {
     }
 
     pub fn status(&self) -> Result<Status, cairn_agent::control::ControlError> {
-        match cairn_agent::control::request(&self.env.control_socket, Command::Status, Duration::from_secs(5))? {
+        match cairn_agent::control::request(
+            &self.env.control_socket,
+            Command::Status,
+            Duration::from_secs(5),
+        )? {
             Response::Status(s) => Ok(*s),
             other => Err(cairn_agent::control::ControlError::Protocol {
                 path: self.env.control_socket.clone(),
@@ -336,10 +402,14 @@ impl Site {
 
     /// PIDs of the site's processes that still run.
     pub fn running(&self) -> Vec<(&'static str, u32)> {
-        [("cairnd", self.env.cairnd_pid), ("cairn-fleet", self.env.fleet_pid), ("swtpm", self.env.swtpm_pid)]
-            .into_iter()
-            .filter(|&(name, pid)| pid != 0 && process::is_running(pid, name))
-            .collect()
+        [
+            ("cairnd", self.env.cairnd_pid),
+            ("cairn-fleet", self.env.fleet_pid),
+            ("swtpm", self.env.swtpm_pid),
+        ]
+        .into_iter()
+        .filter(|&(name, pid)| pid != 0 && process::is_running(pid, name))
+        .collect()
     }
 }
 

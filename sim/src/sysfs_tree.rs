@@ -11,7 +11,10 @@ pub struct TreeProfile {
 
 impl Default for TreeProfile {
     fn default() -> Self {
-        TreeProfile { nvme_drives: 8, sockets: 2 }
+        TreeProfile {
+            nvme_drives: 8,
+            sockets: 2,
+        }
     }
 }
 
@@ -28,11 +31,23 @@ pub fn write(root: &Path, profile: &TreeProfile) -> std::io::Result<()> {
     for s in 0..profile.sockets {
         let hw = format!("sys/class/hwmon/hwmon{s}");
         put(root, &format!("{hw}/name"), "coretemp")?;
-        put(root, &format!("{hw}/temp1_label"), &format!("Package id {s}"))?;
-        put(root, &format!("{hw}/temp1_input"), &(48_000 + 1_000 * s).to_string())?;
+        put(
+            root,
+            &format!("{hw}/temp1_label"),
+            &format!("Package id {s}"),
+        )?;
+        put(
+            root,
+            &format!("{hw}/temp1_input"),
+            &(48_000 + 1_000 * s).to_string(),
+        )?;
         let z = format!("sys/class/powercap/intel-rapl:{s}");
         put(root, &format!("{z}/name"), &format!("package-{s}"))?;
-        put(root, &format!("{z}/energy_uj"), &(12_345_678_901_u64 + s as u64).to_string())?;
+        put(
+            root,
+            &format!("{z}/energy_uj"),
+            &(12_345_678_901_u64 + s as u64).to_string(),
+        )?;
         put(root, &format!("{z}/max_energy_range_uj"), "262143328850")?;
         let d = format!("sys/class/powercap/intel-rapl:{s}:0");
         put(root, &format!("{d}/name"), "dram")?;
@@ -45,7 +60,11 @@ pub fn write(root: &Path, profile: &TreeProfile) -> std::io::Result<()> {
     let fans = format!("sys/class/hwmon/hwmon{}", profile.sockets + 1);
     put(root, &format!("{fans}/name"), "nct6798")?;
     for f in 1..=4 {
-        put(root, &format!("{fans}/fan{f}_input"), &(4_200 + 100 * f).to_string())?;
+        put(
+            root,
+            &format!("{fans}/fan{f}_input"),
+            &(4_200 + 100 * f).to_string(),
+        )?;
     }
     for n in 0..profile.nvme_drives {
         let c = format!("sys/class/nvme/nvme{n}");

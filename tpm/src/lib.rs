@@ -44,8 +44,13 @@ pub struct Tpm {
 impl Tpm {
     /// Checks the TCTI string now, so a bad configuration is reported at start-up, not at first use.
     pub fn new(tcti: &str) -> Result<Self, TpmError> {
-        TctiNameConf::from_str(tcti).map_err(|source| TpmError::BadTcti { tcti: tcti.to_owned(), source })?;
-        Ok(Tpm { tcti: tcti.to_owned() })
+        TctiNameConf::from_str(tcti).map_err(|source| TpmError::BadTcti {
+            tcti: tcti.to_owned(),
+            source,
+        })?;
+        Ok(Tpm {
+            tcti: tcti.to_owned(),
+        })
     }
 
     pub fn tcti(&self) -> &str {
@@ -58,9 +63,18 @@ impl Tpm {
         operation: &'static str,
         f: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
     ) -> Result<T, TpmError> {
-        let conf = TctiNameConf::from_str(&self.tcti)
-            .map_err(|source| TpmError::BadTcti { tcti: self.tcti.clone(), source })?;
-        let mut context = Context::new(conf).map_err(|source| TpmError::Open { tcti: self.tcti.clone(), source })?;
-        f(&mut context).map_err(|source| TpmError::Command { tcti: self.tcti.clone(), operation, source })
+        let conf = TctiNameConf::from_str(&self.tcti).map_err(|source| TpmError::BadTcti {
+            tcti: self.tcti.clone(),
+            source,
+        })?;
+        let mut context = Context::new(conf).map_err(|source| TpmError::Open {
+            tcti: self.tcti.clone(),
+            source,
+        })?;
+        f(&mut context).map_err(|source| TpmError::Command {
+            tcti: self.tcti.clone(),
+            operation,
+            source,
+        })
     }
 }

@@ -38,11 +38,18 @@ pub struct TpmInfo {
 impl Tpm {
     pub fn probe(&self) -> Result<TpmInfo, TpmError> {
         self.with_context("reading its properties", |ctx| {
-            let manufacturer = ctx.get_tpm_property(PropertyTag::Manufacturer)?.unwrap_or(0);
-            let fw1 = ctx.get_tpm_property(PropertyTag::FirmwareVersion1)?.unwrap_or(0);
-            let (handles, _) = ctx.get_capability(CapabilityType::Handles, TPM2_NV_INDEX_FIRST, 254)?;
+            let manufacturer = ctx
+                .get_tpm_property(PropertyTag::Manufacturer)?
+                .unwrap_or(0);
+            let fw1 = ctx
+                .get_tpm_property(PropertyTag::FirmwareVersion1)?
+                .unwrap_or(0);
+            let (handles, _) =
+                ctx.get_capability(CapabilityType::Handles, TPM2_NV_INDEX_FIRST, 254)?;
             let nv: Vec<u32> = match handles {
-                CapabilityData::Handles(list) => list.into_inner().into_iter().map(u32::from).collect(),
+                CapabilityData::Handles(list) => {
+                    list.into_inner().into_iter().map(u32::from).collect()
+                }
                 _ => Vec::new(),
             };
             let ek_certificates = EK_CERT_INDICES

@@ -36,7 +36,10 @@ impl Swtpm {
         let out = Command::new(START)
             .arg(dir)
             .output()
-            .map_err(|source| SwtpmError::Spawn { script: START, source })?;
+            .map_err(|source| SwtpmError::Spawn {
+                script: START,
+                source,
+            })?;
         if !out.status.success() {
             return Err(SwtpmError::Start {
                 dir: dir.to_owned(),
@@ -48,12 +51,22 @@ impl Swtpm {
             text.lines()
                 .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
                 .map(str::to_owned)
-                .ok_or_else(|| SwtpmError::Output { dir: dir.to_owned(), key })
+                .ok_or_else(|| SwtpmError::Output {
+                    dir: dir.to_owned(),
+                    key,
+                })
         };
         let pid = value("SWTPM_PID")?
             .parse()
-            .map_err(|_| SwtpmError::Output { dir: dir.to_owned(), key: "SWTPM_PID" })?;
-        Ok(Swtpm { dir: dir.to_owned(), pid, tcti: value("TPM_TCTI")? })
+            .map_err(|_| SwtpmError::Output {
+                dir: dir.to_owned(),
+                key: "SWTPM_PID",
+            })?;
+        Ok(Swtpm {
+            dir: dir.to_owned(),
+            pid,
+            tcti: value("TPM_TCTI")?,
+        })
     }
 
     pub fn tcti(&self) -> &str {
@@ -75,11 +88,20 @@ impl Swtpm {
     }
 
     pub fn stop(dir: &Path) -> Result<(), SwtpmError> {
-        let out = Command::new(STOP).arg(dir).output().map_err(|source| SwtpmError::Spawn { script: STOP, source })?;
+        let out = Command::new(STOP)
+            .arg(dir)
+            .output()
+            .map_err(|source| SwtpmError::Spawn {
+                script: STOP,
+                source,
+            })?;
         if out.status.success() {
             Ok(())
         } else {
-            Err(SwtpmError::Start { dir: dir.to_owned(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
+            Err(SwtpmError::Start {
+                dir: dir.to_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            })
         }
     }
 }

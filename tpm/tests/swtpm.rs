@@ -1,15 +1,22 @@
 //! The swtpm helper, against a real swtpm: manufactured with EK certificates, reachable through tss-esapi, one
 //! TPM per state directory, and gone when stopped.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use cairn_tpm::swtpm::Swtpm;
 use cairn_tpm::Tpm;
 
+/// Running (a zombie left for a parent that never reaps it counts as stopped).
 fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
 fn kinds(info: &cairn_tpm::TpmInfo) -> Vec<(u32, &'static str)> {
-    info.ek_certificates.iter().map(|c| (c.nv_index, c.kind)).collect()
+    info.ek_certificates
+        .iter()
+        .map(|c| (c.nv_index, c.kind))
+        .collect()
 }
 
 #[test]
@@ -18,7 +25,10 @@ fn swtpm_has_ek_certificates_and_answers_tss() {
     let sw = Swtpm::start(dir.path()).unwrap();
     let info = Tpm::new(sw.tcti()).unwrap().probe().unwrap();
     assert_eq!(info.manufacturer, "IBM");
-    assert_eq!(kinds(&info), vec![(0x01c0_0002, "rsa2048"), (0x01c0_0016, "ecc-p384")]);
+    assert_eq!(
+        kinds(&info),
+        vec![(0x01c0_0002, "rsa2048"), (0x01c0_0016, "ecc-p384")]
+    );
     // Opened per operation: a second probe must get the (single-client) TPM again.
     assert_eq!(Tpm::new(sw.tcti()).unwrap().probe().unwrap(), info);
 }
@@ -37,11 +47,23 @@ fn two_instances_are_separate_and_stop_cleanly() {
     // The state survives a restart: same directory, same TPM (no re-manufacture).
     drop(sb);
     let again = Swtpm::start(b.path()).unwrap();
-    assert_eq!(Tpm::new(again.tcti()).unwrap().probe().unwrap().ek_certificates.len(), 2);
+    assert_eq!(
+        Tpm::new(again.tcti())
+            .unwrap()
+            .probe()
+            .unwrap()
+            .ek_certificates
+            .len(),
+        2
+    );
     drop(again);
     // swtpm rewrites its state file on shutdown, but the manufacturing log is written once.
     let log = std::fs::read_to_string(b.path().join("swtpm_setup.log")).unwrap();
-    assert_eq!(log.matches("Starting vTPM manufacturing").count(), 1, "restart re-manufactured the TPM");
+    assert_eq!(
+        log.matches("Starting vTPM manufacturing").count(),
+        1,
+        "restart re-manufactured the TPM"
+    );
 }
 
 #[test]

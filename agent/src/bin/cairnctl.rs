@@ -47,32 +47,34 @@ fn main() -> ExitCode {
         },
     };
     match args.command {
-        Cmd::Status { json } => match control::request(&socket, Command::Status, Duration::from_secs(10)) {
-            Ok(Response::Status(status)) => {
-                if json {
-                    match serde_json::to_string_pretty(&status) {
-                        Ok(t) => println!("{t}"),
-                        Err(e) => {
-                            eprintln!("cairnctl: cannot print the status: {e}");
-                            return ExitCode::FAILURE;
+        Cmd::Status { json } => {
+            match control::request(&socket, Command::Status, Duration::from_secs(10)) {
+                Ok(Response::Status(status)) => {
+                    if json {
+                        match serde_json::to_string_pretty(&status) {
+                            Ok(t) => println!("{t}"),
+                            Err(e) => {
+                                eprintln!("cairnctl: cannot print the status: {e}");
+                                return ExitCode::FAILURE;
+                            }
                         }
+                    } else {
+                        print!("{}", view::render(&status));
                     }
-                } else {
-                    print!("{}", view::render(&status));
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
-            }
-            Ok(other) => {
-                eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
-                ExitCode::FAILURE
-            }
-            Err(e) => {
-                eprintln!("cairnctl: {}", identity::error_chain(&e));
-                match e {
-                    ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
-                    _ => ExitCode::FAILURE,
+                Ok(other) => {
+                    eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("cairnctl: {}", identity::error_chain(&e));
+                    match e {
+                        ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
+                        _ => ExitCode::FAILURE,
+                    }
                 }
             }
-        },
+        }
     }
 }

@@ -29,7 +29,13 @@ pub struct NvmlGpus {
 
 impl NvmlGpus {
     pub fn new(library: PathBuf) -> Self {
-        NvmlGpus { library, nvml: None, last_error: String::new(), next_try: Instant::now(), backoff: RETRY_MIN }
+        NvmlGpus {
+            library,
+            nvml: None,
+            last_error: String::new(),
+            next_try: Instant::now(),
+            backoff: RETRY_MIN,
+        }
     }
 
     fn ensure_init(&mut self) -> Result<&Nvml, String> {
@@ -44,7 +50,11 @@ impl NvmlGpus {
                     self.backoff = RETRY_MIN;
                 }
                 Err(e) => {
-                    self.last_error = format!("NVML unavailable ({}): {}", self.library.display(), describe(&e));
+                    self.last_error = format!(
+                        "NVML unavailable ({}): {}",
+                        self.library.display(),
+                        describe(&e)
+                    );
                     self.next_try = Instant::now() + self.backoff;
                     self.backoff = (self.backoff * 2).min(RETRY_MAX);
                     return Err(self.last_error.clone());
@@ -59,10 +69,17 @@ impl GpuSource for NvmlGpus {
     fn read(&mut self) -> Result<GpuFacts, String> {
         let library = self.library.display().to_string();
         let nvml = self.ensure_init()?;
-        let driver_version = nvml.sys_driver_version().unwrap_or_else(|_| "unknown".into());
-        let count = nvml.device_count().map_err(|e| format!("NVML ({library}) cannot count GPUs: {}", describe(&e)))?;
+        let driver_version = nvml
+            .sys_driver_version()
+            .unwrap_or_else(|_| "unknown".into());
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("NVML ({library}) cannot count GPUs: {}", describe(&e)))?;
         let gpus = (0..count).map(|index| summary(nvml, index)).collect();
-        Ok(GpuFacts { driver_version, gpus })
+        Ok(GpuFacts {
+            driver_version,
+            gpus,
+        })
     }
 }
 
@@ -89,9 +106,20 @@ fn summary(nvml: &Nvml, index: u32) -> GpuSummary {
     };
     s.name = device.name().map_err(&mut note).unwrap_or_default();
     s.uuid = device.uuid().map_err(&mut note).unwrap_or_default();
-    s.pci_bus_id = device.pci_info().map(|p| p.bus_id).map_err(&mut note).unwrap_or_default();
-    s.temperature_c = device.temperature(TemperatureSensor::Gpu).map_err(&mut note).ok();
-    s.power_w = device.power_usage().map(|mw| f64::from(mw) / 1000.0).map_err(&mut note).ok();
+    s.pci_bus_id = device
+        .pci_info()
+        .map(|p| p.bus_id)
+        .map_err(&mut note)
+        .unwrap_or_default();
+    s.temperature_c = device
+        .temperature(TemperatureSensor::Gpu)
+        .map_err(&mut note)
+        .ok();
+    s.power_w = device
+        .power_usage()
+        .map(|mw| f64::from(mw) / 1000.0)
+        .map_err(&mut note)
+        .ok();
     s.problem = first_error;
     s
 }

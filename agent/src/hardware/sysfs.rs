@@ -48,20 +48,38 @@ impl SysRoot {
 
     pub fn read(&self) -> Result<SensorFacts, String> {
         if !self.root.join("sys").is_dir() {
-            return Err(format!("{} has no sys/ directory (check hardware.sys_root)", self.root.display()));
+            return Err(format!(
+                "{} has no sys/ directory (check hardware.sys_root)",
+                self.root.display()
+            ));
         }
-        let hwmon_chips = self.entries("hwmon", "hwmon").iter().filter_map(|p| self.attr(&p.join("name")).ok()).collect();
-        let rapl_zones = self.entries("powercap", "intel-rapl:").iter().filter_map(|p| self.attr(&p.join("name")).ok()).collect();
+        let hwmon_chips = self
+            .entries("hwmon", "hwmon")
+            .iter()
+            .filter_map(|p| self.attr(&p.join("name")).ok())
+            .collect();
+        let rapl_zones = self
+            .entries("powercap", "intel-rapl:")
+            .iter()
+            .filter_map(|p| self.attr(&p.join("name")).ok())
+            .collect();
         let nvme_drives = self
             .entries("nvme", "nvme")
             .iter()
             .map(|p| NvmeSummary {
-                name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                name: p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 model: self.attr(&p.join("model")).unwrap_or_default(),
                 serial: self.attr(&p.join("serial")).unwrap_or_default(),
             })
             .collect();
-        Ok(SensorFacts { hwmon_chips, rapl_zones, nvme_drives })
+        Ok(SensorFacts {
+            hwmon_chips,
+            rapl_zones,
+            nvme_drives,
+        })
     }
 }
 
@@ -76,17 +94,27 @@ mod tests {
         std::fs::create_dir_all(r.join("sys/class/hwmon/hwmon0")).unwrap();
         std::fs::write(r.join("sys/class/hwmon/hwmon0/name"), "coretemp\n").unwrap();
         std::fs::create_dir_all(r.join("sys/class/nvme/nvme0")).unwrap();
-        std::fs::write(r.join("sys/class/nvme/nvme0/model"), "Samsung SSD 990 PRO 2TB   \n").unwrap();
+        std::fs::write(
+            r.join("sys/class/nvme/nvme0/model"),
+            "Samsung SSD 990 PRO 2TB   \n",
+        )
+        .unwrap();
         let facts = SysRoot::new(r.to_owned()).read().unwrap();
         assert_eq!(facts.hwmon_chips, ["coretemp"]);
         assert!(facts.rapl_zones.is_empty());
         assert_eq!(facts.nvme_drives[0].model, "Samsung SSD 990 PRO 2TB");
-        assert_eq!(facts.nvme_drives[0].serial, "", "missing attribute reads as empty");
+        assert_eq!(
+            facts.nvme_drives[0].serial, "",
+            "missing attribute reads as empty"
+        );
     }
 
     #[test]
     fn missing_root_names_the_key() {
         let err = SysRoot::new("/nonexistent/root".into()).read().unwrap_err();
-        assert!(err.contains("hardware.sys_root") && err.contains("/nonexistent/root"), "{err}");
+        assert!(
+            err.contains("hardware.sys_root") && err.contains("/nonexistent/root"),
+            "{err}"
+        );
     }
 }

@@ -107,12 +107,19 @@ impl FakeConfig {
 
 /// A stable UUID per GPU index, shaped like NVIDIA's (`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
 pub fn uuid(index: usize) -> String {
-    format!("GPU-{:08x}-cafe-4000-8000-{:012x}", 0xc0ffee00_u32 + index as u32, index as u64 + 1)
+    format!(
+        "GPU-{:08x}-cafe-4000-8000-{:012x}",
+        0xc0ffee00_u32 + index as u32,
+        index as u64 + 1
+    )
 }
 
 /// PCI bus of GPU `index`: the way 8-GPU boards spread them over root ports.
 pub fn pci_bus(index: usize) -> u32 {
-    [0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb].get(index).copied().unwrap_or(0x10 + index as u32)
+    [0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb]
+        .get(index)
+        .copied()
+        .unwrap_or(0x10 + index as u32)
 }
 
 #[cfg(test)]
@@ -128,7 +135,8 @@ mod tests {
 
     #[test]
     fn faults_parse_and_typos_are_refused() {
-        let c = FakeConfig::parse("profile = \"h100x8\"\n[gpu.3]\nxid = [79]\nlost = true\n").unwrap();
+        let c =
+            FakeConfig::parse("profile = \"h100x8\"\n[gpu.3]\nxid = [79]\nlost = true\n").unwrap();
         assert_eq!(c.profile.gpus().len(), 8);
         assert_eq!(c.fault(3).unwrap().xid, vec![79]);
         assert!(FakeConfig::parse("[gpu.3]\nxids = [79]\n").is_err());

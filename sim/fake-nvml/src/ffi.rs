@@ -6,7 +6,8 @@
 use crate::config::{pci_bus, uuid};
 use crate::state::{lock, State};
 use nvml_wrapper_sys::bindings::{
-    nvmlDevice_t, nvmlEventData_t, nvmlEventSet_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlReturn_t, nvmlUtilization_t,
+    nvmlDevice_t, nvmlEventData_t, nvmlEventSet_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlReturn_t,
+    nvmlUtilization_t,
 };
 use std::ffi::{c_char, c_uint, c_ulonglong};
 use std::time::{Duration, Instant};
@@ -39,7 +40,9 @@ fn gpu(state: &State, device: nvmlDevice_t) -> Result<usize, nvmlReturn_t> {
     if state.init_count == 0 {
         return Err(ERROR_UNINITIALIZED);
     }
-    let index = (device as usize).checked_sub(1).ok_or(ERROR_INVALID_ARGUMENT)?;
+    let index = (device as usize)
+        .checked_sub(1)
+        .ok_or(ERROR_INVALID_ARGUMENT)?;
     if index >= state.gpus().len() {
         return Err(ERROR_INVALID_ARGUMENT);
     }
@@ -53,7 +56,11 @@ fn gpu(state: &State, device: nvmlDevice_t) -> Result<usize, nvmlReturn_t> {
 ///
 /// # Safety
 /// `out` must be null or valid for writing a `T`.
-unsafe fn answer<T>(device: nvmlDevice_t, out: *mut T, f: impl FnOnce(&State, usize) -> Result<T, nvmlReturn_t>) -> nvmlReturn_t {
+unsafe fn answer<T>(
+    device: nvmlDevice_t,
+    out: *mut T,
+    f: impl FnOnce(&State, usize) -> Result<T, nvmlReturn_t>,
+) -> nvmlReturn_t {
     if out.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
@@ -139,7 +146,10 @@ pub extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
 /// # Safety
 /// `version` must be valid for `length` bytes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     let v = lock().config.driver_version.clone();
     // SAFETY: forwarded caller contract.
     unsafe { write_str(&v, version, length) }
@@ -148,7 +158,10 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length
 /// # Safety
 /// `version` must be valid for `length` bytes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     let v = format!("12.{}", lock().config.driver_version);
     // SAFETY: forwarded caller contract.
     unsafe { write_str(&v, version, length) }
@@ -173,7 +186,10 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> nvmlReturn
 /// # Safety
 /// `device` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
     if device.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
@@ -194,7 +210,10 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *m
 /// # Safety
 /// `index` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetIndex(
+    device: nvmlDevice_t,
+    index: *mut c_uint,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
     unsafe { answer(device, index, |_, i| Ok(i as c_uint)) }
 }
@@ -202,7 +221,11 @@ pub unsafe extern "C" fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_
 /// # Safety
 /// `name` must be valid for `length` bytes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetName(device: nvmlDevice_t, name: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    device: nvmlDevice_t,
+    name: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     let text = {
         let state = lock();
         match gpu(&state, device) {
@@ -217,7 +240,11 @@ pub unsafe extern "C" fn nvmlDeviceGetName(device: nvmlDevice_t, name: *mut c_ch
 /// # Safety
 /// `out` must be valid for `length` bytes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetUUID(device: nvmlDevice_t, out: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    device: nvmlDevice_t,
+    out: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     let text = {
         let state = lock();
         match gpu(&state, device) {
@@ -238,7 +265,10 @@ fn fill(dst: &mut [c_char], text: &str) {
 /// # Safety
 /// `pci` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: nvmlDevice_t, pci: *mut nvmlPciInfo_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
+    device: nvmlDevice_t,
+    pci: *mut nvmlPciInfo_t,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
     unsafe {
         answer(device, pci, |state, i| {
@@ -260,7 +290,11 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: nvmlDevice_t, pci: *mut
 /// # Safety
 /// `temp` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetTemperature(device: nvmlDevice_t, sensor: c_uint, temp: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetTemperature(
+    device: nvmlDevice_t,
+    sensor: c_uint,
+    temp: *mut c_uint,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
     unsafe {
         answer(device, temp, |state, i| {
@@ -268,7 +302,11 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(device: nvmlDevice_t, sensor: 
                 return Err(ERROR_INVALID_ARGUMENT);
             }
             let base = state.gpus()[i].base_temperature_c + i as u32;
-            Ok(state.config.fault(i).and_then(|f| f.temperature_c).unwrap_or(base))
+            Ok(state
+                .config
+                .fault(i)
+                .and_then(|f| f.temperature_c)
+                .unwrap_or(base))
         })
     }
 }
@@ -281,7 +319,10 @@ fn power_mw(state: &State, i: usize) -> u32 {
 /// # Safety
 /// `power` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: nvmlDevice_t, power: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(
+    device: nvmlDevice_t,
+    power: *mut c_uint,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
     unsafe { answer(device, power, |state, i| Ok(power_mw(state, i))) }
 }
@@ -289,7 +330,10 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: nvmlDevice_t, power: *m
 /// # Safety
 /// `energy` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(device: nvmlDevice_t, energy: *mut c_ulonglong) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
+    device: nvmlDevice_t,
+    energy: *mut c_ulonglong,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
     unsafe {
         answer(device, energy, |state, i| {
@@ -303,15 +347,28 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(device: nvmlDevice_
 /// # Safety
 /// `util` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: nvmlDevice_t, util: *mut nvmlUtilization_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: nvmlDevice_t,
+    util: *mut nvmlUtilization_t,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
-    unsafe { answer(device, util, |_, i| Ok(nvmlUtilization_t { gpu: (10 * i as c_uint) % 100, memory: (5 * i as c_uint) % 100 })) }
+    unsafe {
+        answer(device, util, |_, i| {
+            Ok(nvmlUtilization_t {
+                gpu: (10 * i as c_uint) % 100,
+                memory: (5 * i as c_uint) % 100,
+            })
+        })
+    }
 }
 
 /// # Safety
 /// `memory` must be valid for reads and writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, memory: *mut nvmlMemory_v2_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: nvmlDevice_t,
+    memory: *mut nvmlMemory_v2_t,
+) -> nvmlReturn_t {
     const VERSION_2: c_uint = (std::mem::size_of::<nvmlMemory_v2_t>() | (2 << 24)) as c_uint;
     // SAFETY: the caller passes a struct whose version field it has set, as the real API demands.
     if memory.is_null() || unsafe { (*memory).version } != VERSION_2 {
@@ -323,7 +380,13 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, memory
             let total = state.gpus()[i].memory_total_bytes;
             let used = 512 * 1024 * 1024 * (i as u64 + 1);
             let reserved = 500 * 1024 * 1024;
-            Ok(nvmlMemory_v2_t { version: VERSION_2, total, reserved, free: total - used - reserved, used })
+            Ok(nvmlMemory_v2_t {
+                version: VERSION_2,
+                total,
+                reserved,
+                free: total - used - reserved,
+                used,
+            })
         })
     }
 }
@@ -353,7 +416,11 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
 /// # Safety
 /// `clock` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetClockInfo(device: nvmlDevice_t, kind: c_uint, clock: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
+    device: nvmlDevice_t,
+    kind: c_uint,
+    clock: *mut c_uint,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
     unsafe {
         answer(device, clock, |state, i| match kind {
@@ -394,13 +461,20 @@ pub extern "C" fn nvmlEventSetFree(set: nvmlEventSet_t) -> nvmlReturn_t {
 /// # Safety
 /// `types` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(device: nvmlDevice_t, types: *mut c_ulonglong) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
+    device: nvmlDevice_t,
+    types: *mut c_ulonglong,
+) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
     unsafe { answer(device, types, |_, _| Ok(EVENT_TYPE_XID_CRITICAL_ERROR)) }
 }
 
 #[no_mangle]
-pub extern "C" fn nvmlDeviceRegisterEvents(device: nvmlDevice_t, types: c_ulonglong, set: nvmlEventSet_t) -> nvmlReturn_t {
+pub extern "C" fn nvmlDeviceRegisterEvents(
+    device: nvmlDevice_t,
+    types: c_ulonglong,
+    set: nvmlEventSet_t,
+) -> nvmlReturn_t {
     let mut state = lock();
     let index = match gpu(&state, device) {
         Ok(i) => i,
@@ -423,7 +497,11 @@ pub extern "C" fn nvmlDeviceRegisterEvents(device: nvmlDevice_t, types: c_ulongl
 /// # Safety
 /// `data` must be valid for writes.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlEventSetWait_v2(set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeout_ms: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    set: nvmlEventSet_t,
+    data: *mut nvmlEventData_t,
+    timeout_ms: c_uint,
+) -> nvmlReturn_t {
     if data.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
@@ -432,12 +510,18 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(set: nvmlEventSet_t, data: *mut nvm
         {
             let mut guard = lock();
             let state = &mut *guard;
-            let Some(es) = state.sets.get_mut(&(set as usize)) else { return ERROR_INVALID_ARGUMENT };
+            let Some(es) = state.sets.get_mut(&(set as usize)) else {
+                return ERROR_INVALID_ARGUMENT;
+            };
             for &(index, mask) in &es.registered {
                 if mask & EVENT_TYPE_XID_CRITICAL_ERROR == 0 {
                     continue;
                 }
-                let xids = state.config.fault(index).map(|f| f.xid.as_slice()).unwrap_or_default();
+                let xids = state
+                    .config
+                    .fault(index)
+                    .map(|f| f.xid.as_slice())
+                    .unwrap_or_default();
                 let done = es.delivered.entry(index).or_insert(0);
                 if let Some(&xid) = xids.get(*done) {
                     *done += 1;

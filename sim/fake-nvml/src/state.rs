@@ -43,15 +43,18 @@ impl State {
 
     /// Re-reads the configuration file if its modification time changed.
     pub fn refresh(&mut self) {
-        let Some((path, seen)) = &mut self.source else { return };
+        let Some((path, seen)) = &mut self.source else {
+            return;
+        };
         let mtime = std::fs::metadata(&*path).and_then(|m| m.modified()).ok();
         if mtime.is_some() && mtime == *seen {
             return;
         }
         *seen = mtime;
-        match std::fs::read_to_string(&*path).map_err(|e| e.to_string()).and_then(|t| {
-            FakeConfig::parse(&t).map_err(|e| e.to_string())
-        }) {
+        match std::fs::read_to_string(&*path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| FakeConfig::parse(&t).map_err(|e| e.to_string()))
+        {
             Ok(c) => {
                 self.config = c;
                 self.config_error = None;

@@ -2,6 +2,8 @@
 //! makes, and injecting faults when its file changes. Each test runs in its own process under nextest; under
 //! plain `cargo test` they share one, so each test uses its own config file only through a fresh process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
@@ -12,7 +14,11 @@ use std::process::Command;
 fn library() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let lib = exe.with_file_name("libcairn_fake_nvml.so");
-    assert!(lib.exists(), "{} is missing: build it with `cargo build -p cairn-fake-nvml`", lib.display());
+    assert!(
+        lib.exists(),
+        "{} is missing: build it with `cargo build -p cairn-fake-nvml`",
+        lib.display()
+    );
     lib
 }
 
@@ -27,8 +33,16 @@ fn run_scenario(name: &str, config: &str) {
         .env("FAKE_NVML_SCENARIO", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{name} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"), "{name} did not run");
+    assert!(
+        out.status.success(),
+        "{name} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "{name} did not run"
+    );
 }
 
 fn in_scenario() -> bool {
@@ -36,7 +50,10 @@ fn in_scenario() -> bool {
 }
 
 fn load() -> Nvml {
-    Nvml::builder().lib_path(library().as_os_str()).init().unwrap()
+    Nvml::builder()
+        .lib_path(library().as_os_str())
+        .init()
+        .unwrap()
 }
 
 #[test]
@@ -62,14 +79,21 @@ fn scenario_eight_h100s() {
         let m = d.memory_info().unwrap();
         assert_eq!(m.total, 85_520_809_984);
         assert!(m.used + m.free <= m.total);
-        assert_eq!(d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate).unwrap(), 0);
+        assert_eq!(
+            d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate)
+                .unwrap(),
+            0
+        );
         assert!(d.power_usage().unwrap() > 50_000);
     }
 }
 
 #[test]
 fn faults_injected_at_runtime() {
-    run_scenario("scenario_faults_injected_at_runtime", "profile = \"h100x8\"\n");
+    run_scenario(
+        "scenario_faults_injected_at_runtime",
+        "profile = \"h100x8\"\n",
+    );
 }
 
 #[test]
@@ -80,20 +104,43 @@ fn scenario_faults_injected_at_runtime() {
     let nvml = load();
     let d3 = nvml.device_by_index(3).unwrap();
     let mut set = nvml.create_event_set().unwrap();
-    set = d3.register_events(nvml_wrapper::bitmasks::event::EventTypes::CRITICAL_XID_ERROR, set).unwrap();
+    set = d3
+        .register_events(
+            nvml_wrapper::bitmasks::event::EventTypes::CRITICAL_XID_ERROR,
+            set,
+        )
+        .unwrap();
     assert!(matches!(set.wait(50), Err(NvmlError::Timeout)));
 
     // Same mtime granularity guard: make sure the rewrite is seen as a change.
     std::thread::sleep(std::time::Duration::from_millis(20));
-    std::fs::write(&cfg, "profile = \"h100x8\"\n[gpu.3]\nxid = [79]\necc_double_bit = 2\n[gpu.5]\nlost = true\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "profile = \"h100x8\"\n[gpu.3]\nxid = [79]\necc_double_bit = 2\n[gpu.5]\nlost = true\n",
+    )
+    .unwrap();
     let ev = set.wait(1000).unwrap();
-    assert!(matches!(ev.event_data, Some(nvml_wrapper::enums::event::XidError::Value(79))), "{:?}", ev.event_data);
+    assert!(
+        matches!(
+            ev.event_data,
+            Some(nvml_wrapper::enums::event::XidError::Value(79))
+        ),
+        "{:?}",
+        ev.event_data
+    );
     assert_eq!(ev.device.index().unwrap(), 3);
     // Delivered once only.
     assert!(matches!(set.wait(50), Err(NvmlError::Timeout)));
-    assert_eq!(d3.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate).unwrap(), 2);
+    assert_eq!(
+        d3.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate)
+            .unwrap(),
+        2
+    );
     let d5 = nvml.device_by_index(5).unwrap();
-    assert!(matches!(d5.temperature(TemperatureSensor::Gpu), Err(NvmlError::GpuLost)));
+    assert!(matches!(
+        d5.temperature(TemperatureSensor::Gpu),
+        Err(NvmlError::GpuLost)
+    ));
 }
 
 #[test]
@@ -105,18 +152,27 @@ fn driver_not_loaded() {
 #[ignore = "run by driver_not_loaded in its own process"]
 fn scenario_driver_not_loaded() {
     assert!(in_scenario());
-    let err = Nvml::builder().lib_path(library().as_os_str()).init().unwrap_err();
+    let err = Nvml::builder()
+        .lib_path(library().as_os_str())
+        .init()
+        .unwrap_err();
     assert!(matches!(err, NvmlError::DriverNotLoaded), "{err:?}");
 }
 
 #[test]
 fn malformed_file_fails_init() {
-    run_scenario("scenario_malformed_file_fails_init", "profile = \"a100x3\"\n");
+    run_scenario(
+        "scenario_malformed_file_fails_init",
+        "profile = \"a100x3\"\n",
+    );
 }
 
 #[test]
 #[ignore = "run by malformed_file_fails_init in its own process"]
 fn scenario_malformed_file_fails_init() {
     assert!(in_scenario());
-    assert!(Nvml::builder().lib_path(library().as_os_str()).init().is_err());
+    assert!(Nvml::builder()
+        .lib_path(library().as_os_str())
+        .init()
+        .is_err());
 }

@@ -1,1 +1,157 @@
-fn main() {}
+//! cairn-bench: the numbers `just bench` reports, measured on a simulated site built from this workspace's
+//! binaries (run it from target/release). Prints a table and appends one JSON line per figure to
+//! target/bench/results.jsonl (or the file named as the first argument): {"bench", "metric", "value", "unit", "peer"}.
+
+use cairn_proto::control::Command;
+use cairn_sim::{Site, SiteOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+struct Figure {
+    bench: &'static str,
+    metric: &'static str,
+    value: f64,
+    unit: &'static str,
+    peer: Option<&'static str>,
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>> {
+    let mut figures = Vec::new();
+    let mut fig = |metric, value, unit| {
+        figures.push(Figure {
+            bench: "site",
+            metric,
+            value,
+            unit,
+            peer: None,
+        })
+    };
+
+    let t = Instant::now();
+    let mut site = Site::up(dir, &SiteOptions::default())?;
+    fig("site_up", t.elapsed().as_secs_f64(), "s");
+
+    site.stop_cairnd();
+    let t = Instant::now();
+    site.start_cairnd()?;
+    fig(
+        "cairnd_start_to_all_components_checked",
+        t.elapsed().as_secs_f64() * 1000.0,
+        "ms",
+    );
+
+    let mut lat = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let t = Instant::now();
+        cairn_agent::control::request(
+            &site.env.control_socket,
+            Command::Status,
+            Duration::from_secs(5),
+        )?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    fig("control_status_round_trip_p50", percentile(&lat, 0.5), "us");
+    fig(
+        "control_status_round_trip_p99",
+        percentile(&lat, 0.99),
+        "us",
+    );
+
+    // Idle cost with 8 GPUs, 8 NVMe drives, 1 s hardware polling and a 1 s fleet check.
+    let pid = site.env.cairnd_pid;
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let window = Duration::from_secs(10);
+    let c0 = cpu_ticks(pid).ok_or("cairnd exited")?;
+    std::thread::sleep(window);
+    let c1 = cpu_ticks(pid).ok_or("cairnd exited")?;
+    fig(
+        "cairnd_cpu_idle_8gpu_1s_poll",
+        (c1 - c0) as f64 / ticks_per_s / window.as_secs_f64() * 100.0,
+        "% of a core",
+    );
+    fig(
+        "cairnd_rss_8gpu",
+        proc_field(pid, "status", "VmRSS:").ok_or("no VmRSS")? as f64 / 1024.0,
+        "MiB",
+    );
+
+    let s = site.status()?;
+    if let Some(f) = s.fleet.facts() {
+        fig("fleet_info_round_trip_tls", f.round_trip_ms as f64, "ms");
+    }
+    site.down();
+    Ok(figures)
+}
+
+fn main() -> std::process::ExitCode {
+    let dir = std::env::temp_dir().join(format!("cairn-bench-{}", std::process::id()));
+    let result = run(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let figures = match result {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cairn-bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{:<8} {:<42} {:>12}  {:<14} peer",
+        "bench", "metric", "value", "unit"
+    );
+    for f in &figures {
+        println!(
+            "{:<8} {:<42} {:>12.3}  {:<14} {}",
+            f.bench,
+            f.metric,
+            f.value,
+            f.unit,
+            f.peer.unwrap_or("-")
+        );
+    }
+    let out = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "target/bench/results.jsonl".into()),
+    );
+    if let Some(parent) = out.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let mut file = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cairn-bench: cannot append to {}: {e}", out.display());
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    for f in &figures {
+        let line = serde_json::json!({"bench": f.bench, "metric": f.metric, "value": f.value, "unit": f.unit, "peer": f.peer});
+        let _ = writeln!(file, "{line}");
+    }
+    println!("appended {} figures to {}", figures.len(), out.display());
+    std::process::ExitCode::SUCCESS
+}

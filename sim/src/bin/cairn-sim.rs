@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(about = "Run a simulated cairn site: swtpm, reference fleet, fake GPUs and sysfs, cairnd")]
+#[command(
+    about = "Run a simulated cairn site: swtpm, reference fleet, fake GPUs and sysfs, cairnd"
+)]
 struct Args {
     #[command(subcommand)]
     command: Cmd,
@@ -47,10 +49,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn main() -> ExitCode {
     let result = match Args::parse().command {
         Cmd::Up { dir, gpus, nvme } => {
-            let mut opts = SiteOptions { gpu_profile: gpus, ..SiteOptions::default() };
+            let mut opts = SiteOptions {
+                gpu_profile: gpus,
+                ..SiteOptions::default()
+            };
             opts.tree.nvme_drives = nvme;
             Site::up(&dir, &opts).map(|site| {
-                print!("{}", std::fs::read_to_string(site.dir.join("site.env")).unwrap_or_default());
+                print!(
+                    "{}",
+                    std::fs::read_to_string(site.dir.join("site.env")).unwrap_or_default()
+                );
                 site.detach();
             })
         }
