@@ -83,7 +83,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         let tpm: Option<Box<dyn TpmProbe>> = match cairn_tpm::Tpm::new(&config.tpm.tcti) {
             Ok(t) => Some(Box::new(t)),
             Err(e) => {
-                let reason = identity::error_chain(&e);
+                let reason = crate::error_chain(&e);
                 board.update(|s| s.tpm = component(Err(reason)));
                 None
             }
@@ -130,8 +130,8 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             let mut was_ok = None;
             loop {
                 let result = match &client {
-                    Ok(c) => c.info().await.map_err(|e| identity::error_chain(&e)),
-                    Err(e) => Err(identity::error_chain(e)),
+                    Ok(c) => c.info().await.map_err(|e| crate::error_chain(&e)),
+                    Err(e) => Err(crate::error_chain(e)),
                 };
                 let ok = result.is_ok();
                 if was_ok != Some(ok) {
@@ -147,7 +147,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                     url: fleet.url.clone(),
                     protocol_version: cairn_proto::fleet::FLEET_PROTOCOL_VERSION,
                     fleet_version: info.version,
-                    round_trip_ms: rtt.as_millis() as u64,
+                    round_trip_us: rtt.as_micros() as u64,
                 });
                 board.update(|s| s.fleet = component(facts));
                 tokio::time::sleep(Duration::from_secs(fleet.check_interval_secs)).await;
@@ -157,6 +157,22 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
 
     let control_task = tokio::spawn(control::serve(listener, board.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, board.clone()));
+
+    // systemctl status shows this line; refreshed as the picture changes.
+    let notify_task = {
+        let board = board.clone();
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let line = crate::view::summary(&board.snapshot());
+                if line != last {
+                    notify::status(&line);
+                    last = line;
+                }
+            }
+        })
+    };
 
     let watchdog_task = notify::watchdog_interval().map(|every| {
         tokio::spawn(async move {
@@ -180,11 +196,12 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         _ = sigint.recv() => "SIGINT",
     };
     tracing::info!(signal = signal_name, "shutting down");
-    notify::stopping();
+    notify::stopping(Duration::from_secs(1));
 
     control_task.abort();
     metrics_task.abort();
     fleet_task.abort();
+    notify_task.abort();
     if let Some(t) = watchdog_task {
         t.abort();
     }

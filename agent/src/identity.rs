@@ -10,7 +10,7 @@ pub trait TpmProbe: Send {
 
 impl TpmProbe for cairn_tpm::Tpm {
     fn probe(&self) -> Result<TpmFacts, String> {
-        let info = cairn_tpm::Tpm::probe(self).map_err(|e| error_chain(&e))?;
+        let info = cairn_tpm::Tpm::probe(self).map_err(|e| crate::error_chain(&e))?;
         Ok(TpmFacts {
             tcti: self.tcti().to_owned(),
             manufacturer: info.manufacturer,
@@ -29,16 +29,4 @@ pub fn onboarding_initial() -> OnboardingStatus {
         state: "unprovisioned".into(),
         detail: "enrolment with the fleet is not implemented in this build".into(),
     }
-}
-
-/// "outer: inner: innermost", for errors that end up as one line in a status.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }

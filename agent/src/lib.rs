@@ -12,3 +12,16 @@ pub mod notify;
 pub mod status;
 pub mod uplink;
 pub mod view;
+
+/// "outer: inner: innermost": an error and its sources on one line, for status entries and the one place
+/// each binary prints an error. Messages never repeat their source, so nothing is said twice.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

@@ -107,7 +107,7 @@ pub fn render(s: &Status, hostname: &str) -> String {
         let _ = writeln!(
             out,
             "cairn_fleet_round_trip_seconds {}",
-            f.round_trip_ms as f64 / 1000.0
+            f.round_trip_us as f64 / 1e6
         );
     }
     if let Some(g) = s.gpus.facts() {

@@ -81,9 +81,31 @@ pub fn render(s: &Status) -> String {
     });
     line(&mut out, "fleet", &s.fleet, |f| {
         format!(
-            "{} reachable, protocol v{}, {} ms",
-            f.url, f.protocol_version, f.round_trip_ms
+            "{} reachable, protocol v{}, {:.1} ms",
+            f.url,
+            f.protocol_version,
+            f.round_trip_us as f64 / 1000.0
         )
     });
     out
+}
+
+/// One line for systemd's STATUS=: which parts are fine and which are not.
+pub fn summary(s: &Status) -> String {
+    fn word<T>(c: &ComponentStatus<T>) -> &'static str {
+        match c {
+            ComponentStatus::Unknown => "?",
+            ComponentStatus::Ok { .. } => "ok",
+            ComponentStatus::Unavailable { .. } => "PROBLEM",
+        }
+    }
+    let gpus = s.gpus.facts().map_or(0, |g| g.gpus.len());
+    format!(
+        "{}; tpm {}; {gpus} GPUs {}; sensors {}; fleet {}",
+        s.onboarding.state,
+        word(&s.tpm),
+        word(&s.gpus),
+        word(&s.sensors),
+        word(&s.fleet)
+    )
 }

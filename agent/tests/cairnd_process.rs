@@ -10,6 +10,16 @@ use std::time::{Duration, Instant};
 const CAIRND: &str = env!("CARGO_BIN_EXE_cairnd");
 const CAIRNCTL: &str = env!("CARGO_BIN_EXE_cairnctl");
 
+/// Kills the daemon if the test fails before stopping it, so a failed run leaves nothing behind.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn cairnd(config: &Path) -> Command {
     let mut c = Command::new(CAIRND);
     c.arg("--config").arg(config);
@@ -107,11 +117,27 @@ fn runs_degraded_answers_status_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = cairnd(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Stand in for systemd's notify socket: cairnd must say READY, ping the watchdog, and say STOPPING.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    // Non-blocking: the watchdog pings every 100 ms, so a blocking drain would never end.
+    notify.set_nonblocking(true).unwrap();
+    let mut child = Daemon(
+        cairnd(&cfg)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut notes: Vec<String> = Vec::new();
+    let drain = |notes: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = notify.recv(&mut buf) {
+            notes.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
@@ -162,11 +188,28 @@ fn runs_degraded_answers_status_and_stops_on_sigterm() {
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("PROBLEM — NVML unavailable"), "{text}");
 
+    // The watchdog keeps pinging (every 100 ms here): wait for a second ping, within a generous bound.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while notes.iter().filter(|n| n.contains("WATCHDOG=1")).count() < 2 && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        drain(&mut notes);
+    }
+    drain(&mut notes);
+    assert!(
+        notes.iter().any(|n| n.contains("READY=1")),
+        "no READY=1 in {notes:?}"
+    );
+    assert!(
+        notes.iter().filter(|n| n.contains("WATCHDOG=1")).count() >= 2,
+        "watchdog not pinged: {notes:?}"
+    );
+
     // SAFETY: plain kill(2) on our own child.
-    unsafe { libc_kill(child.id() as i32, 15) };
+    unsafe { libc_kill(child.0.id() as i32, 15) };
     let deadline = Instant::now() + Duration::from_secs(15);
     let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = child.0.try_wait().unwrap() {
             break st;
         }
         assert!(Instant::now() < deadline, "cairnd did not stop on SIGTERM");
@@ -174,6 +217,11 @@ fn runs_degraded_answers_status_and_stops_on_sigterm() {
     };
     assert!(code.success(), "exit after SIGTERM: {code:?}");
     assert!(!sock.exists(), "control socket left behind");
+    drain(&mut notes);
+    assert!(
+        notes.iter().any(|n| n.contains("STOPPING=1")),
+        "no STOPPING=1 in {notes:?}"
+    );
 
     // And cairnctl then says plainly that the agent is not there (exit 69).
     let out = Command::new(CAIRNCTL)

@@ -135,7 +135,7 @@ pub struct FleetFacts {
     pub url: String,
     pub protocol_version: u32,
     pub fleet_version: String,
-    pub round_trip_ms: u64,
+    pub round_trip_us: u64,
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@ use cairn_tpm::Tpm;
 
 /// Running (a zombie left for a parent that never reaps it counts as stopped).
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 fn kinds(info: &cairn_tpm::TpmInfo) -> Vec<(u32, &'static str)> {

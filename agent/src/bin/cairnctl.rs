@@ -2,7 +2,7 @@
 //! Exit codes: 0 ok, 1 error, 2 usage, 69 cairnd not reachable, 78 configuration error.
 
 use cairn_agent::control::{self, ControlError};
-use cairn_agent::{config, identity, view};
+use cairn_agent::{config, view};
 use cairn_proto::control::{Command, Response};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         None => match config::load(&config::Sources::system(args.config)) {
             Ok(l) => l.config.agent.control_socket,
             Err(e) => {
-                eprintln!("cairnctl: {}", identity::error_chain(&e));
+                eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
                 return ExitCode::from(config::EXIT_CONFIG as u8);
             }
         },
@@ -68,7 +68,7 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
                 Err(e) => {
-                    eprintln!("cairnctl: {}", identity::error_chain(&e));
+                    eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
                     match e {
                         ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
                         _ => ExitCode::FAILURE,

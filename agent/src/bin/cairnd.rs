@@ -1,7 +1,7 @@
 //! cairnd: the cairn supervisor daemon. Parses arguments, loads the configuration, and hands over to
 //! [`cairn_agent::daemon`]. Exit codes: 0 clean stop, 1 runtime failure, 78 configuration error.
 
-use cairn_agent::{config, daemon, identity, logging};
+use cairn_agent::{config, daemon, logging};
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     let loaded = match config::load(&config::Sources::system(args.config)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cairnd: {}", identity::error_chain(&e));
+            eprintln!("cairnd: {}", cairn_agent::error_chain(&e));
             return ExitCode::from(config::EXIT_CONFIG as u8);
         }
     };
@@ -42,8 +42,8 @@ fn main() -> ExitCode {
     match daemon::run(loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", identity::error_chain(&e));
-            eprintln!("cairnd: {}", identity::error_chain(&e));
+            tracing::error!("{}", cairn_agent::error_chain(&e));
+            eprintln!("cairnd: {}", cairn_agent::error_chain(&e));
             ExitCode::FAILURE
         }
     }

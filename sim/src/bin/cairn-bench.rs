@@ -98,7 +98,11 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
 
     let s = site.status()?;
     if let Some(f) = s.fleet.facts() {
-        fig("fleet_info_round_trip_tls", f.round_trip_ms as f64, "ms");
+        fig(
+            "fleet_info_round_trip_tls",
+            f.round_trip_us as f64 / 1000.0,
+            "ms",
+        );
     }
     site.down();
     Ok(figures)

@@ -35,17 +35,6 @@ enum Cmd {
     FleetStart { dir: PathBuf },
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     let result = match Args::parse().command {
         Cmd::Up { dir, gpus, nvme } => {
@@ -74,7 +63,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cairn-sim: {}", error_chain(&e));
+            eprintln!("cairn-sim: {}", cairn_agent::error_chain(&e));
             ExitCode::FAILURE
         }
     }
