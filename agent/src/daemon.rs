@@ -122,17 +122,22 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         let board = board.clone();
         let fleet = config.fleet.clone();
         tokio::spawn(async move {
-            let client = FleetClient::new(
-                &fleet.url,
-                &fleet.ca_file,
-                Duration::from_secs(fleet.timeout_secs),
-            );
+            let timeout = Duration::from_secs(fleet.timeout_secs);
+            let mut client = None;
             let mut was_ok = None;
             loop {
+                // Built lazily and retried: a CA file that appears later (provisioning) is picked up.
+                if client.is_none() {
+                    client = Some(FleetClient::new(&fleet.url, &fleet.ca_file, timeout));
+                }
                 let result = match &client {
-                    Ok(c) => c.info().await.map_err(|e| crate::error_chain(&e)),
-                    Err(e) => Err(crate::error_chain(e)),
+                    Some(Ok(c)) => c.info().await.map_err(|e| crate::error_chain(&e)),
+                    Some(Err(e)) => Err(crate::error_chain(e)),
+                    None => Err("fleet client not built".to_owned()),
                 };
+                if matches!(client, Some(Err(_))) {
+                    client = None;
+                }
                 let ok = result.is_ok();
                 if was_ok != Some(ok) {
                     match &result {
