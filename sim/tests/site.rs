@@ -220,3 +220,92 @@ fn fetch(url: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
 }
+
+/// `cairnctl quote` with the agent's config, while cairnd runs and after it stopped: tpm2_checkquote accepts
+/// the files, the AK stays the same, and bad input is refused with words that say how to fix it.
+#[test]
+fn cairnctl_quote_verifies_with_tpm2_checkquote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut site = Site::up(
+        &tmp.path().join("site"),
+        &SiteOptions {
+            gpu_profile: "l4x1".into(),
+            ..SiteOptions::default()
+        },
+    )
+    .unwrap();
+    let config = site.env.cairn_config.clone();
+    let quote = |out: &std::path::Path, nonce: &str| {
+        Command::new(bin("cairnctl"))
+            .args(["--config"])
+            .arg(&config)
+            .args([
+                "quote",
+                "--nonce",
+                nonce,
+                "--pcrs",
+                "sha256:0,1,2,3,4,5,6,7",
+                "--out",
+            ])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let check = |dir: &std::path::Path, nonce: &str| {
+        Command::new("tpm2_checkquote")
+            .current_dir(dir)
+            .args([
+                "-u",
+                "ak.pub",
+                "-m",
+                "quote.msg",
+                "-s",
+                "quote.sig",
+                "-f",
+                "quote.pcrs",
+                "-g",
+                "sha256",
+                "-q",
+                nonce,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let nonce = "c0ffee0123456789abcdef0123456789";
+    let first = tmp.path().join("q1");
+    let out = quote(&first, nonce);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        check(&first, nonce),
+        "tpm2_checkquote refused cairnctl's quote"
+    );
+    assert!(
+        !check(&first, "00000000000000000000000000000000"),
+        "wrong nonce accepted"
+    );
+
+    // Without cairnd: same TPM, same persisted AK.
+    site.stop_cairnd();
+    let second = tmp.path().join("q2");
+    assert!(quote(&second, nonce).status.success());
+    assert!(check(&second, nonce));
+    assert_eq!(
+        std::fs::read(first.join("ak.pub")).unwrap(),
+        std::fs::read(second.join("ak.pub")).unwrap(),
+        "AK changed between quotes"
+    );
+
+    let bad = quote(&tmp.path().join("q3"), "not-hex");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("nonce \"not-hex\" is not valid"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

@@ -3,9 +3,11 @@
 //! The TPM is opened per operation and closed right after ([`Tpm::with_context`]): swtpm serves one client at a
 //! time and has no resource manager, and an operator's tpm2-tools must reach the same TPM while cairnd runs.
 
+mod attest;
 mod probe;
 pub mod swtpm;
 
+pub use attest::{AkBlob, QuoteFiles, MAX_NONCE_BYTES};
 pub use probe::{EkCertificate, TpmInfo};
 
 use std::str::FromStr;

@@ -2,7 +2,7 @@
 //! Exit codes: 0 ok, 1 error, 2 usage, 69 cairnd not reachable, 78 configuration error.
 
 use cairn_agent::control::{self, ControlError};
-use cairn_agent::{config, view};
+use cairn_agent::{attestation, config, view};
 use cairn_proto::control::{Command, Response};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -32,49 +32,97 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Quote PCRs with this device's attestation key into files tpm2_checkquote reads. Uses the TPM and the
+    /// AK named by the agent's configuration; works whether or not cairnd runs.
+    Quote {
+        /// Qualifying data (the verifier's nonce), hex.
+        #[arg(long)]
+        nonce: String,
+        /// PCRs to quote, e.g. sha256:0,1,2,3,4,5,6,7.
+        #[arg(long, default_value = "sha256:0,1,2,3,4,5,6,7")]
+        pcrs: String,
+        /// Directory for quote.msg, quote.sig, quote.pcrs and ak.pub (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let socket = match args.socket {
+    match &args.command {
+        Cmd::Status { json } => status(args.config, args.socket, *json),
+        Cmd::Quote { nonce, pcrs, out } => quote(args.config, nonce, pcrs, out),
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
+    config::load(&config::Sources::system(path))
+        .map(|l| l.config)
+        .map_err(|e| {
+            eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
+            ExitCode::from(config::EXIT_CONFIG as u8)
+        })
+}
+
+fn status(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let socket = match socket {
         Some(s) => s,
-        None => match config::load(&config::Sources::system(args.config)) {
-            Ok(l) => l.config.agent.control_socket,
-            Err(e) => {
-                eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
-                return ExitCode::from(config::EXIT_CONFIG as u8);
-            }
+        None => match load_config(config_path) {
+            Ok(c) => c.agent.control_socket,
+            Err(code) => return code,
         },
     };
-    match args.command {
-        Cmd::Status { json } => {
-            match control::request(&socket, Command::Status, Duration::from_secs(10)) {
-                Ok(Response::Status(status)) => {
-                    if json {
-                        match serde_json::to_string_pretty(&status) {
-                            Ok(t) => println!("{t}"),
-                            Err(e) => {
-                                eprintln!("cairnctl: cannot print the status: {e}");
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                    } else {
-                        print!("{}", view::render(&status));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Ok(other) => {
-                    eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
-                    match e {
-                        ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
-                        _ => ExitCode::FAILURE,
+    match control::request(&socket, Command::Status, Duration::from_secs(10)) {
+        Ok(Response::Status(status)) => {
+            if json {
+                match serde_json::to_string_pretty(&status) {
+                    Ok(t) => println!("{t}"),
+                    Err(e) => {
+                        eprintln!("cairnctl: cannot print the status: {e}");
+                        return ExitCode::FAILURE;
                     }
                 }
+            } else {
+                print!("{}", view::render(&status));
             }
+            ExitCode::SUCCESS
+        }
+        Ok(other) => {
+            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
+            match e {
+                ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn quote(config_path: Option<PathBuf>, nonce: &str, pcrs: &str, out: &std::path::Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = (|| {
+        let nonce = attestation::parse_nonce(nonce)?;
+        let pcrs = attestation::parse_pcrs(pcrs)?;
+        let tpm = cairn_tpm::Tpm::new(&config.tpm.tcti)?;
+        attestation::quote_to_dir(&tpm, &config.agent.data_dir, &nonce, &pcrs, out)
+    })();
+    match result {
+        Ok(_) => {
+            println!(
+                "wrote quote.msg, quote.sig, quote.pcrs and ak.pub to {}",
+                out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
+            ExitCode::FAILURE
         }
     }
 }

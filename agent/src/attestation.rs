@@ -1,0 +1,189 @@
+//! The device's attestation key, kept on the data partition, and quotes made with it. The AK is created
+//! once, on first use, and loaded again per operation, so a reboot or an agent restart never changes it.
+//! `cairnctl quote` uses this module directly (with or without cairnd running): the TPM is opened per
+//! operation, so both can reach it.
+
+use cairn_tpm::{AkBlob, QuoteFiles, Tpm};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttestationError {
+    #[error("cannot read the attestation key at {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot store the attestation key at {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the attestation key at {dir} is incomplete ({missing} is missing); move the directory away to create a new key (the fleet must then re-enrol the device)")]
+    Incomplete { dir: PathBuf, missing: &'static str },
+    #[error(transparent)]
+    Tpm(#[from] cairn_tpm::TpmError),
+    #[error("nonce {0:?} is not valid: give 1 to {max} bytes as hex, e.g. 5a1122…", max = cairn_tpm::MAX_NONCE_BYTES)]
+    Nonce(String),
+    #[error("PCR selection {0:?} is not valid: give sha256:INDEX,INDEX,… with indices 0 to 23, e.g. sha256:0,1,2,3,4,5,6,7")]
+    Pcrs(String),
+}
+
+/// Where the AK lives: `<data_dir>/identity/ak.{priv,pub}`.
+pub fn ak_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("identity")
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AttestationError> {
+    let werr = |source| AttestationError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(werr)?;
+    f.write_all(bytes).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    std::fs::rename(&tmp, path).map_err(werr)
+}
+
+/// Loads the AK, creating and storing it first if this device has none yet.
+pub fn load_or_create_ak(tpm: &Tpm, data_dir: &Path) -> Result<AkBlob, AttestationError> {
+    let dir = ak_dir(data_dir);
+    let (priv_path, pub_path) = (dir.join("ak.priv"), dir.join("ak.pub"));
+    match (priv_path.exists(), pub_path.exists()) {
+        (true, true) => {
+            let read = |p: &Path| {
+                std::fs::read(p).map_err(|source| AttestationError::Read {
+                    path: p.to_owned(),
+                    source,
+                })
+            };
+            Ok(AkBlob {
+                private: read(&priv_path)?,
+                public: read(&pub_path)?,
+            })
+        }
+        (false, false) => {
+            std::fs::create_dir_all(&dir).map_err(|source| AttestationError::Write {
+                path: dir.clone(),
+                source,
+            })?;
+            let ak = tpm.create_ak()?;
+            // Public first: a crash in between leaves "ak.priv missing", which is reported, never half-used.
+            write_private(&pub_path, &ak.public)?;
+            write_private(&priv_path, &ak.private)?;
+            Ok(ak)
+        }
+        (false, true) => Err(AttestationError::Incomplete {
+            dir,
+            missing: "ak.priv",
+        }),
+        (true, false) => Err(AttestationError::Incomplete {
+            dir,
+            missing: "ak.pub",
+        }),
+    }
+}
+
+pub fn parse_nonce(hex: &str) -> Result<Vec<u8>, AttestationError> {
+    let bad = || AttestationError::Nonce(hex.to_owned());
+    let hex = hex.strip_prefix("0x").unwrap_or(hex);
+    if hex.is_empty() || !hex.len().is_multiple_of(2) || hex.len() / 2 > cairn_tpm::MAX_NONCE_BYTES
+    {
+        return Err(bad());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad()))
+        .collect()
+}
+
+/// `sha256:0,1,2`: the SHA-256 bank only (the bank cairn images extend).
+pub fn parse_pcrs(spec: &str) -> Result<Vec<u8>, AttestationError> {
+    let bad = || AttestationError::Pcrs(spec.to_owned());
+    let list = spec.strip_prefix("sha256:").ok_or_else(bad)?;
+    let mut pcrs: Vec<u8> = list
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&i| i < 24)
+                .ok_or_else(bad)
+        })
+        .collect::<Result<_, _>>()?;
+    pcrs.sort_unstable();
+    pcrs.dedup();
+    Ok(pcrs)
+}
+
+/// Quotes with the device's AK and writes quote.msg, quote.sig, quote.pcrs and ak.pub into `out`.
+pub fn quote_to_dir(
+    tpm: &Tpm,
+    data_dir: &Path,
+    nonce: &[u8],
+    pcrs: &[u8],
+    out: &Path,
+) -> Result<QuoteFiles, AttestationError> {
+    let ak = load_or_create_ak(tpm, data_dir)?;
+    let q = tpm.quote(&ak, nonce, pcrs)?;
+    std::fs::create_dir_all(out).map_err(|source| AttestationError::Write {
+        path: out.to_owned(),
+        source,
+    })?;
+    for (name, bytes) in [
+        ("quote.msg", &q.message),
+        ("quote.sig", &q.signature),
+        ("quote.pcrs", &q.pcrs),
+        ("ak.pub", &q.ak_public),
+    ] {
+        let path = out.join(name);
+        std::fs::write(&path, bytes).map_err(|source| AttestationError::Write { path, source })?;
+    }
+    Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces() {
+        assert_eq!(parse_nonce("0a0B").unwrap(), vec![10, 11]);
+        assert_eq!(parse_nonce("0xff").unwrap(), vec![255]);
+        for bad in ["", "abc", "zz", &"00".repeat(65)] {
+            assert!(parse_nonce(bad).is_err(), "{bad} accepted");
+        }
+        assert!(parse_nonce("zz").unwrap_err().to_string().contains("hex"));
+    }
+
+    #[test]
+    fn pcr_selections() {
+        assert_eq!(parse_pcrs("sha256:7,0,1,1").unwrap(), vec![0, 1, 7]);
+        for bad in ["0,1", "sha1:0", "sha256:", "sha256:24", "sha256:a"] {
+            let err = parse_pcrs(bad).unwrap_err().to_string();
+            assert!(err.contains("sha256:0,1,2"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn half_stored_ak_is_reported_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ak_dir(tmp.path());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ak.pub"), b"x").unwrap();
+        // The TCTI is never reached: the store is checked first.
+        let tpm = Tpm::new("swtpm:host=127.0.0.1,port=1").unwrap();
+        let err = load_or_create_ak(&tpm, tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("ak.priv is missing"), "{err}");
+    }
+}
