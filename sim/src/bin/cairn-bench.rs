@@ -96,6 +96,20 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
         "MiB",
     );
 
+    // One quote (AK load under the EK + TPM2_Quote + PCR read) on swtpm, as `cairnctl quote` does it.
+    let tpm = cairn_tpm::Tpm::new(&site.env.tpm_tcti)?;
+    let data = dir.join("agent/data");
+    cairn_agent::attestation::load_or_create_ak(&tpm, &data)?;
+    let mut quote_ms = Vec::new();
+    for i in 0..20u8 {
+        let t = Instant::now();
+        let ak = cairn_agent::attestation::load_or_create_ak(&tpm, &data)?;
+        tpm.quote(&ak, &[i; 32], &[0, 1, 2, 3, 4, 5, 6, 7])?;
+        quote_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    quote_ms.sort_by(f64::total_cmp);
+    fig("tpm_quote_swtpm_p50", percentile(&quote_ms, 0.5), "ms");
+
     let s = site.status()?;
     if let Some(f) = s.fleet.facts() {
         fig(
