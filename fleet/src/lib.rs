@@ -2,4 +2,5 @@
 //! one directory (`--state`), so a restarted fleet is the same fleet.
 
 pub mod pki;
+pub mod quote;
 pub mod server;

@@ -1,0 +1,285 @@
+//! Verifying a TPM quote on the fleet, without a TPM and without tss-esapi: the wire structures are parsed
+//! here with bounds checks (TPM 2.0 Part 2, big-endian), and the signature is checked with ring.
+//!
+//! What is checked: the AK's attributes (a restricted signing key that never left its TPM), the signature
+//! over TPMS_ATTEST, that it is a quote, that it carries the fleet's nonce, and that the quoted PCR digest is
+//! the SHA-256 of the PCR values the device reported. What the PCR values *should* be, clock monotonicity and
+//! nonce freshness are the caller's policy (enrolment and attestation, issue 3).
+
+use ring::signature::{RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256};
+
+const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
+const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
+const TPM_ALG_RSA: u16 = 0x0001;
+const TPM_ALG_SHA256: u16 = 0x000b;
+const TPM_ALG_NULL: u16 = 0x0010;
+const TPM_ALG_RSASSA: u16 = 0x0014;
+
+const ATTR_FIXED_TPM: u32 = 1 << 1;
+const ATTR_FIXED_PARENT: u32 = 1 << 4;
+const ATTR_SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
+const ATTR_RESTRICTED: u32 = 1 << 16;
+const ATTR_DECRYPT: u32 = 1 << 17;
+const ATTR_SIGN: u32 = 1 << 18;
+
+/// Why a quote was refused: a code the fleet stores and shows, and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuoteRefusal {
+    #[error("{what} is malformed: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("the attestation key lacks the {0} attribute (it must be a restricted signing key that never left its TPM)")]
+    AkAttribute(&'static str),
+    #[error("the attestation key is not an RSA key with RSASSA/SHA-256 (type {key_type:#06x}, scheme {scheme:#06x})")]
+    AkAlgorithm { key_type: u16, scheme: u16 },
+    #[error("the quote's signature does not verify with the attestation key")]
+    BadSignature,
+    #[error("the signed structure is not a TPM-generated quote")]
+    NotAQuote,
+    #[error("the quote carries another nonce than the one the fleet issued")]
+    WrongNonce,
+    #[error("the quote covers PCRs {quoted:?} but values were sent for {sent:?}")]
+    PcrSelection { quoted: Vec<u8>, sent: Vec<u8> },
+    #[error("the PCR values sent do not match the digest the TPM signed")]
+    PcrDigest,
+}
+
+impl QuoteRefusal {
+    /// A stable machine-readable code (for the fleet's records and the protocol's error bodies).
+    pub fn code(&self) -> &'static str {
+        match self {
+            QuoteRefusal::Malformed { .. } => "malformed",
+            QuoteRefusal::AkAttribute(_) => "ak_attributes",
+            QuoteRefusal::AkAlgorithm { .. } => "ak_algorithm",
+            QuoteRefusal::BadSignature => "bad_signature",
+            QuoteRefusal::NotAQuote => "not_a_quote",
+            QuoteRefusal::WrongNonce => "wrong_nonce",
+            QuoteRefusal::PcrSelection { .. } => "pcr_selection",
+            QuoteRefusal::PcrDigest => "pcr_digest",
+        }
+    }
+}
+
+/// What a verified quote says about the device at the moment it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedQuote {
+    pub clock: u64,
+    pub reset_count: u32,
+    pub restart_count: u32,
+    pub firmware_version: u64,
+    /// SHA-256 bank indices the quote covers, ascending.
+    pub pcrs: Vec<u8>,
+}
+
+/// A bounds-checked big-endian reader over one TPM structure.
+struct Reader<'a> {
+    what: &'static str,
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(what: &'static str, buf: &'a [u8]) -> Self {
+        Reader { what, buf }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], QuoteRefusal> {
+        if self.buf.len() < n {
+            return Err(QuoteRefusal::Malformed {
+                what: self.what,
+                detail: format!("needs {n} more bytes, has {}", self.buf.len()),
+            });
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, QuoteRefusal> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, QuoteRefusal> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, QuoteRefusal> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, QuoteRefusal> {
+        Ok((u64::from(self.u32()?) << 32) | u64::from(self.u32()?))
+    }
+
+    /// A TPM2B: u16 size, then that many bytes.
+    fn sized(&mut self) -> Result<&'a [u8], QuoteRefusal> {
+        let n = self.u16()? as usize;
+        self.bytes(n)
+    }
+
+    fn end(&self) -> Result<(), QuoteRefusal> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(QuoteRefusal::Malformed {
+                what: self.what,
+                detail: format!("{} trailing bytes", self.buf.len()),
+            })
+        }
+    }
+}
+
+/// The RSA modulus and exponent of an AK given as TPM2B_PUBLIC, after checking its attributes and scheme.
+fn ak_key(ak_public: &[u8]) -> Result<(Vec<u8>, Vec<u8>), QuoteRefusal> {
+    let mut outer = Reader::new("ak.pub (TPM2B_PUBLIC)", ak_public);
+    let inner = outer.sized()?;
+    outer.end()?;
+    let mut r = Reader::new("ak.pub (TPMT_PUBLIC)", inner);
+    let key_type = r.u16()?;
+    let _name_alg = r.u16()?;
+    let attrs = r.u32()?;
+    for (bit, name) in [
+        (ATTR_FIXED_TPM, "fixedTPM"),
+        (ATTR_FIXED_PARENT, "fixedParent"),
+        (ATTR_SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+        (ATTR_RESTRICTED, "restricted"),
+        (ATTR_SIGN, "sign"),
+    ] {
+        if attrs & bit == 0 {
+            return Err(QuoteRefusal::AkAttribute(name));
+        }
+    }
+    if attrs & ATTR_DECRYPT != 0 {
+        return Err(QuoteRefusal::AkAttribute("sign-only (it also decrypts)"));
+    }
+    if key_type != TPM_ALG_RSA {
+        return Err(QuoteRefusal::AkAlgorithm {
+            key_type,
+            scheme: 0,
+        });
+    }
+    let _auth_policy = r.sized()?;
+    let symmetric = r.u16()?;
+    if symmetric != TPM_ALG_NULL {
+        let _key_bits = r.u16()?;
+        let _mode = r.u16()?;
+    }
+    let scheme = r.u16()?;
+    let scheme_hash = if scheme != TPM_ALG_NULL { r.u16()? } else { 0 };
+    if scheme != TPM_ALG_RSASSA || scheme_hash != TPM_ALG_SHA256 {
+        return Err(QuoteRefusal::AkAlgorithm { key_type, scheme });
+    }
+    let _key_bits = r.u16()?;
+    let exponent = match r.u32()? {
+        0 => 65_537,
+        e => e,
+    };
+    let modulus = r.sized()?.to_vec();
+    r.end()?;
+    let e = exponent
+        .to_be_bytes()
+        .iter()
+        .copied()
+        .skip_while(|&b| b == 0)
+        .collect();
+    Ok((modulus, e))
+}
+
+/// Verifies a quote. `pcr_values` are the device's reported SHA-256 PCR values, by index.
+pub fn verify(
+    ak_public: &[u8],
+    message: &[u8],
+    signature: &[u8],
+    nonce: &[u8],
+    pcr_values: &[(u8, [u8; 32])],
+) -> Result<VerifiedQuote, QuoteRefusal> {
+    let (n, e) = ak_key(ak_public)?;
+
+    let mut s = Reader::new("quote.sig (TPMT_SIGNATURE)", signature);
+    let (sig_alg, sig_hash) = (s.u16()?, s.u16()?);
+    if sig_alg != TPM_ALG_RSASSA || sig_hash != TPM_ALG_SHA256 {
+        return Err(QuoteRefusal::Malformed {
+            what: "quote.sig",
+            detail: format!("scheme {sig_alg:#06x}/{sig_hash:#06x}, expected RSASSA/SHA-256"),
+        });
+    }
+    let sig = s.sized()?;
+    s.end()?;
+    RsaPublicKeyComponents { n: &n, e: &e }
+        .verify(&RSA_PKCS1_2048_8192_SHA256, message, sig)
+        .map_err(|_| QuoteRefusal::BadSignature)?;
+
+    // Signed, so from here on the content is the TPM's; still parsed with bounds checks.
+    let mut m = Reader::new("quote.msg (TPMS_ATTEST)", message);
+    if m.u32()? != TPM_GENERATED_VALUE || m.u16()? != TPM_ST_ATTEST_QUOTE {
+        return Err(QuoteRefusal::NotAQuote);
+    }
+    let _signer = m.sized()?;
+    let extra = m.sized()?;
+    if extra != nonce {
+        return Err(QuoteRefusal::WrongNonce);
+    }
+    let clock = m.u64()?;
+    let reset_count = m.u32()?;
+    let restart_count = m.u32()?;
+    let _safe = m.u8()?;
+    let firmware_version = m.u64()?;
+    let mut quoted = Vec::new();
+    for _ in 0..m.u32()? {
+        let hash = m.u16()?;
+        let size = m.u8()? as usize;
+        let bitmap = m.bytes(size)?;
+        for (byte, bits) in bitmap.iter().enumerate() {
+            for bit in 0..8 {
+                if bits & (1 << bit) != 0 {
+                    if hash != TPM_ALG_SHA256 {
+                        return Err(QuoteRefusal::Malformed {
+                            what: "quote.msg",
+                            detail: format!("quotes bank {hash:#06x}; only SHA-256 is accepted"),
+                        });
+                    }
+                    quoted.push((byte * 8 + bit) as u8);
+                }
+            }
+        }
+    }
+    let digest = m.sized()?;
+    m.end()?;
+
+    let mut sent: Vec<(u8, [u8; 32])> = pcr_values.to_vec();
+    sent.sort_by_key(|(i, _)| *i);
+    let sent_idx: Vec<u8> = sent.iter().map(|(i, _)| *i).collect();
+    if sent_idx != quoted {
+        return Err(QuoteRefusal::PcrSelection {
+            quoted,
+            sent: sent_idx,
+        });
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (_, v) in &sent {
+        ctx.update(v);
+    }
+    if ctx.finish().as_ref() != digest {
+        return Err(QuoteRefusal::PcrDigest);
+    }
+    Ok(VerifiedQuote {
+        clock,
+        reset_count,
+        restart_count,
+        firmware_version,
+        pcrs: quoted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_and_garbage_inputs_are_malformed_never_a_panic() {
+        for ak in [&[][..], &[0, 5, 1], &[0xff; 3]] {
+            let err = verify(ak, b"", b"", b"", &[]).unwrap_err();
+            assert_eq!(err.code(), "malformed", "{err}");
+        }
+    }
+}
