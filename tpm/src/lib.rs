@@ -7,7 +7,7 @@ mod attest;
 mod probe;
 pub mod swtpm;
 
-pub use attest::{AkBlob, QuoteFiles, MAX_NONCE_BYTES};
+pub use attest::{AkBlob, Certification, EkAlgorithm, KeyBlob, QuoteFiles, MAX_NONCE_BYTES};
 pub use probe::{EkCertificate, TpmInfo};
 
 use std::str::FromStr;

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use cairn_tpm::swtpm::Swtpm;
-use cairn_tpm::{QuoteFiles, Tpm};
+use cairn_tpm::{EkAlgorithm, QuoteFiles, Tpm};
 use std::path::Path;
 use std::process::Command;
 
@@ -45,13 +45,15 @@ fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not() {
     let tmp = tempfile::tempdir().unwrap();
     let sw = Swtpm::start(&tmp.path().join("tpm")).unwrap();
     let tpm = Tpm::new(sw.tcti()).unwrap();
-    let ak = tpm.create_ak().unwrap();
+    let ak = tpm.create_ak(EkAlgorithm::Rsa2048).unwrap();
     let nonce = [
         0x5au8, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
         0xff,
     ];
     let nonce_hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    let q = tpm.quote(&ak, &nonce, &[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
+    let q = tpm
+        .quote(EkAlgorithm::Rsa2048, &ak, &nonce, &[0, 1, 2, 3, 4, 5, 6, 7])
+        .unwrap();
     assert_eq!(q.pcrs.len(), 668, "tpm2-tools layout for 8 PCRs");
     let out = tmp.path().join("q");
     std::fs::create_dir(&out).unwrap();
@@ -87,10 +89,13 @@ fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not() {
     // The AK of another TPM does not verify this quote.
     let other_tmp = tempfile::tempdir().unwrap();
     let other = Swtpm::start(other_tmp.path()).unwrap();
-    let other_ak = Tpm::new(other.tcti()).unwrap().create_ak().unwrap();
+    let other_ak = Tpm::new(other.tcti())
+        .unwrap()
+        .create_ak(EkAlgorithm::Rsa2048)
+        .unwrap();
     let other_q = Tpm::new(other.tcti())
         .unwrap()
-        .quote(&other_ak, &nonce, &[0])
+        .quote(EkAlgorithm::Rsa2048, &other_ak, &nonce, &[0])
         .unwrap();
     std::fs::write(out.join("ak.pub"), &other_q.ak_public).unwrap();
     assert!(
@@ -101,7 +106,7 @@ fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not() {
     // An AK blob cannot be loaded by a TPM that did not create it.
     assert!(Tpm::new(other.tcti())
         .unwrap()
-        .quote(&ak, &nonce, &[0])
+        .quote(EkAlgorithm::Rsa2048, &ak, &nonce, &[0])
         .is_err());
 }
 
@@ -110,16 +115,23 @@ fn ak_persists_across_tpm_restarts_and_handles_are_flushed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tpm");
     let sw = Swtpm::start(&dir).unwrap();
-    let ak = Tpm::new(sw.tcti()).unwrap().create_ak().unwrap();
+    let ak = Tpm::new(sw.tcti())
+        .unwrap()
+        .create_ak(EkAlgorithm::Rsa2048)
+        .unwrap();
     drop(sw);
     let sw = Swtpm::start(&dir).unwrap();
     let tpm = Tpm::new(sw.tcti()).unwrap();
     // swtpm has 3 transient slots and no resource manager: ten quotes in a row prove nothing leaks.
     for i in 0..10u8 {
-        let q = tpm.quote(&ak, &[i; 20], &[0, 7]).unwrap();
+        let q = tpm
+            .quote(EkAlgorithm::Rsa2048, &ak, &[i; 20], &[0, 7])
+            .unwrap();
         assert_eq!(
             q.ak_public,
-            tpm.quote(&ak, &[i; 20], &[0]).unwrap().ak_public
+            tpm.quote(EkAlgorithm::Rsa2048, &ak, &[i; 20], &[0])
+                .unwrap()
+                .ak_public
         );
     }
     let out = Command::new("tpm2_getcap")
