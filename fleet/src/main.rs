@@ -1,10 +1,16 @@
 //! cairn-fleet: the reference fleet backend. Exit codes: 0 clean stop, 1 failure, 2 usage.
 
+use cairn_fleet::admin::{self, AdminRequest, AdminResponse};
+use cairn_fleet::attestation::Policy;
+use cairn_fleet::error_chain;
+use cairn_fleet::reference::Reference;
 use cairn_fleet::server::{Fleet, ServeOptions};
 use clap::{Parser, Subcommand};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -30,18 +36,183 @@ enum Cmd {
         /// Once listening, write the URL here (for scripts that start the fleet on port 0).
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// List devices, or approve or forget one. Works whether or not `serve` runs on the same --state.
+    Devices {
+        /// The fleet's state directory (the same as `serve --state`).
+        #[arg(long, global = true)]
+        state: Option<PathBuf>,
+        /// Print JSON (one document) instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<DeviceAction>,
     },
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Vouch for a pending device's TPM; it onboards at its next attempt.
+    Approve { id: String },
+    /// Drop a device's record (keys, pinned PCRs, certificate); it must enrol from scratch.
+    Forget { id: String },
+}
+
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// PEM file of TPM manufacturer EK CA certificates (roots; repeatable). EKs whose certificate chains here enrol.
+    #[arg(long = "ek-ca", value_name = "PEM")]
+    ek_ca: Vec<PathBuf>,
+    /// PEM file of intermediate EK CA certificates (repeatable).
+    #[arg(long = "ek-intermediate", value_name = "PEM")]
+    ek_intermediates: Vec<PathBuf>,
+    /// File of allowed EK names (hex, one per line, # comments): the procurement list.
+    #[arg(long, value_name = "FILE")]
+    allow_list: Option<PathBuf>,
+    /// Reference PCR values (JSON, see docs/protocol.md). PCRs it does not list are pinned at enrolment.
+    #[arg(long, value_name = "FILE")]
+    reference: Option<PathBuf>,
+    /// Seconds a challenge (nonce) stays valid.
+    #[arg(long, default_value_t = 60)]
+    nonce_ttl_secs: u64,
+    /// Seconds after which a device must attest again.
+    #[arg(long, default_value_t = 3600)]
+    reattest_secs: u64,
+    /// Seconds a refused or pending device is told to wait before trying again.
+    #[arg(long, default_value_t = 60)]
+    retry_after_secs: u64,
+}
+
+fn read_pem_certs(path: &PathBuf) -> Result<Vec<Vec<u8>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<Vec<u8>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
     }
-    s
+    Ok(certs)
+}
+
+fn read_allow_list(path: &PathBuf) -> Result<BTreeSet<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = BTreeSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let entry = line
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if entry.is_empty() {
+            continue;
+        }
+        if entry.len() != 68
+            || !entry.starts_with("000b")
+            || cairn_proto::fleet::from_hex(&entry).is_none()
+        {
+            return Err(format!(
+                "{} line {}: {entry:?} is not an EK name (000b followed by 64 hex digits, as `tpm2_readpublic` prints it)",
+                path.display(),
+                n + 1
+            ));
+        }
+        out.insert(entry);
+    }
+    Ok(out)
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> Result<Policy, String> {
+        let mut policy = Policy::default();
+        for p in &self.ek_ca {
+            policy.manufacturer_roots.extend(read_pem_certs(p)?);
+        }
+        for p in &self.ek_intermediates {
+            policy.intermediates.extend(read_pem_certs(p)?);
+        }
+        if let Some(p) = &self.allow_list {
+            policy.allow_list = read_allow_list(p)?;
+        }
+        if let Some(p) = &self.reference {
+            policy.reference = Reference::load(p).map_err(|e| error_chain(&e))?;
+        }
+        for (name, v) in [
+            ("--nonce-ttl-secs", self.nonce_ttl_secs),
+            ("--reattest-secs", self.reattest_secs),
+            ("--retry-after-secs", self.retry_after_secs),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        policy.nonce_ttl = Duration::from_secs(self.nonce_ttl_secs);
+        policy.reattest_after = Duration::from_secs(self.reattest_secs);
+        policy.retry_after = Duration::from_secs(self.retry_after_secs);
+        Ok(policy)
+    }
+}
+
+fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) -> ExitCode {
+    let req = match action {
+        None => AdminRequest::List,
+        Some(DeviceAction::Approve { id }) => AdminRequest::Approve { id },
+        Some(DeviceAction::Forget { id }) => AdminRequest::Forget { id },
+    };
+    let resp = match admin::run(state, &req) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cairn-fleet: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&resp) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("cairn-fleet: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return match resp {
+            AdminResponse::Error { .. } => ExitCode::FAILURE,
+            _ => ExitCode::SUCCESS,
+        };
+    }
+    match resp {
+        AdminResponse::Devices { devices } => {
+            println!(
+                "{:<16} {:<10} {:<9} {:<14} LAST REASON",
+                "DEVICE", "STATE", "EK", "VOUCHED BY"
+            );
+            for d in devices {
+                let reason = d
+                    .reason
+                    .map(|r| format!("{}: {}", r.code, r.message))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<16} {:<10} {:<9} {:<14} {reason}",
+                    d.id.get(4..16).unwrap_or(&d.id),
+                    d.state.as_str(),
+                    d.ek_algorithm,
+                    d.vouched_by.unwrap_or_else(|| "-".into()),
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        AdminResponse::Done { message } => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        AdminResponse::Error { message } => {
+            eprintln!("cairn-fleet: {message}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -49,15 +220,33 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let Args {
-        command:
-            Cmd::Serve {
-                listen,
-                state,
-                names,
-                ready_file,
-            },
-    } = Args::parse();
+    let (listen, state, names, ready_file, policy) = match Args::parse().command {
+        Cmd::Devices {
+            state,
+            json,
+            action,
+        } => {
+            let Some(state) = state else {
+                eprintln!("cairn-fleet: give the fleet's state directory with --state DIR");
+                return ExitCode::from(2);
+            };
+            return devices(&state, json, action);
+        }
+        Cmd::Serve {
+            listen,
+            state,
+            names,
+            ready_file,
+            policy,
+        } => (listen, state, names, ready_file, policy),
+    };
+    let policy = match policy.policy() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cairn-fleet: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,6 +262,7 @@ fn main() -> ExitCode {
             listen,
             state: state.clone(),
             names,
+            policy,
         })
         .await
         {
@@ -109,4 +299,13 @@ fn main() -> ExitCode {
         tracing::info!("cairn-fleet stopped");
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Args::command().debug_assert();
+    }
 }

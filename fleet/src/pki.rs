@@ -32,12 +32,75 @@ pub enum PkiError {
 pub const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca-key.pem";
 
-/// The fleet's TLS material for one run.
-#[derive(Debug)]
+/// The fleet's TLS material for one run, and the CA that issues device certificates.
 pub struct ServerIdentity {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    issuer: rcgen::Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity").finish_non_exhaustive()
+    }
+}
+
+/// A device certificate as issued: PEM for the device, and the serial the fleet matches client certificates by.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub pem: String,
+    /// The DER INTEGER contents, as webpki reports them for a presented certificate.
+    pub serial: Vec<u8>,
+}
+
+/// A TPM-resident P-256 public key for rcgen, which signs certificates for keys it does not hold.
+struct TpmPublicKey<'a>(&'a [u8]);
+
+impl rcgen::PublicKeyData for TpmPublicKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl ServerIdentity {
+    /// Issues a client certificate (CN = device id) for an AK-certified P-256 key, `point` = 0x04 || x || y.
+    pub fn issue_device_cert(
+        &self,
+        device_id: &str,
+        point: &[u8],
+        serial: [u8; 16],
+        validity_days: u32,
+    ) -> Result<IssuedCert, PkiError> {
+        let gen = |e: rcgen::Error| PkiError::Generate(e.to_string());
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "cairn device");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, device_id);
+        let mut serial = serial.to_vec();
+        // A positive INTEGER with no leading zero byte: what a verifier reads back is exactly what we store.
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        params.serial_number = Some(rcgen::SerialNumber::from(serial.clone()));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(i64::from(validity_days));
+        let cert = params
+            .signed_by(&TpmPublicKey(point), &self.issuer)
+            .map_err(gen)?;
+        Ok(IssuedCert {
+            pem: cert.pem(),
+            serial,
+        })
+    }
 }
 
 fn ca_params() -> CertificateParams {
@@ -107,7 +170,10 @@ pub fn load_or_create(state: &Path, names: &[String]) -> Result<ServerIdentity, 
         pem
     };
     // Verifiers match the issuer by name and key, both stable, so the CA parameters need not be re-read.
-    let issuer = rcgen::Issuer::new(ca_params(), ca_key);
+    let issuer = rcgen::Issuer::new(
+        ca_params(),
+        KeyPair::from_pem(&ca_key.serialize_pem()).map_err(gen)?,
+    );
     let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
     let mut params = CertificateParams::new(names.to_vec()).map_err(gen)?;
     params
@@ -118,5 +184,6 @@ pub fn load_or_create(state: &Path, names: &[String]) -> Result<ServerIdentity, 
         ca_pem,
         cert_pem: cert.pem(),
         key_pem: server_key.serialize_pem(),
+        issuer: rcgen::Issuer::new(ca_params(), ca_key),
     })
 }

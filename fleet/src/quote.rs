@@ -10,6 +10,10 @@ use ring::signature::{RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256};
 
 const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
 const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
+const TPM_ST_ATTEST_CERTIFY: u16 = 0x8017;
+const TPM_ALG_ECC: u16 = 0x0023;
+const TPM_ALG_ECDSA: u16 = 0x0018;
+const TPM_ECC_NIST_P256: u16 = 0x0003;
 const TPM_ALG_RSA: u16 = 0x0001;
 const TPM_ALG_SHA256: u16 = 0x000b;
 const TPM_ALG_NULL: u16 = 0x0010;
@@ -41,6 +45,10 @@ pub enum QuoteRefusal {
     PcrSelection { quoted: Vec<u8>, sent: Vec<u8> },
     #[error("the PCR values sent do not match the digest the TPM signed")]
     PcrDigest,
+    #[error("the {role} key is not a TPM-resident ECDSA P-256 signing key: {detail}")]
+    CertifiedKey { role: &'static str, detail: String },
+    #[error("the AK's certification names another key than the {role} key sent")]
+    CertifiedName { role: &'static str },
 }
 
 impl QuoteRefusal {
@@ -55,6 +63,8 @@ impl QuoteRefusal {
             QuoteRefusal::WrongNonce => "wrong_nonce",
             QuoteRefusal::PcrSelection { .. } => "pcr_selection",
             QuoteRefusal::PcrDigest => "pcr_digest",
+            QuoteRefusal::CertifiedKey { .. } => "certified_key",
+            QuoteRefusal::CertifiedName { .. } => "certified_name",
         }
     }
 }
@@ -185,6 +195,154 @@ fn ak_key(ak_public: &[u8]) -> Result<(Vec<u8>, Vec<u8>), QuoteRefusal> {
     Ok((modulus, e))
 }
 
+/// Checks that `ak_public` (TPM2B_PUBLIC) is an AK this fleet accepts: a restricted RSASSA/SHA-256 signing key
+/// that never left its TPM.
+pub fn check_ak(ak_public: &[u8]) -> Result<(), QuoteRefusal> {
+    ak_key(ak_public).map(|_| ())
+}
+
+/// The TPM Name of a key given as TPM2B_PUBLIC: its name algorithm (SHA-256) and the digest of TPMT_PUBLIC.
+pub fn tpm_name(tpm2b_public: &[u8]) -> Result<Vec<u8>, QuoteRefusal> {
+    let mut outer = Reader::new("public key (TPM2B_PUBLIC)", tpm2b_public);
+    let inner = outer.sized()?;
+    outer.end()?;
+    let mut r = Reader::new("public key (TPMT_PUBLIC)", inner);
+    let _type = r.u16()?;
+    let name_alg = r.u16()?;
+    if name_alg != TPM_ALG_SHA256 {
+        return Err(QuoteRefusal::Malformed {
+            what: "public key",
+            detail: format!("name algorithm {name_alg:#06x}, expected SHA-256"),
+        });
+    }
+    let mut name = TPM_ALG_SHA256.to_be_bytes().to_vec();
+    name.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, inner).as_ref());
+    Ok(name)
+}
+
+fn check_rsassa_signature(
+    n: &[u8],
+    e: &[u8],
+    message: &[u8],
+    signature: &[u8],
+    what: &'static str,
+) -> Result<(), QuoteRefusal> {
+    let mut s = Reader::new(what, signature);
+    let (sig_alg, sig_hash) = (s.u16()?, s.u16()?);
+    if sig_alg != TPM_ALG_RSASSA || sig_hash != TPM_ALG_SHA256 {
+        return Err(QuoteRefusal::Malformed {
+            what,
+            detail: format!("scheme {sig_alg:#06x}/{sig_hash:#06x}, expected RSASSA/SHA-256"),
+        });
+    }
+    let sig = s.sized()?;
+    s.end()?;
+    RsaPublicKeyComponents { n, e }
+        .verify(&RSA_PKCS1_2048_8192_SHA256, message, sig)
+        .map_err(|_| QuoteRefusal::BadSignature)
+}
+
+/// An AK-certified key: its uncompressed P-256 point (0x04 || x || y) and its TPM name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertifiedKeyInfo {
+    pub point: Vec<u8>,
+    pub name: Vec<u8>,
+}
+
+/// Verifies TPM2_Certify output: the AK signed, over `nonce`, that the key `key_public` (TPM2B_PUBLIC) lives
+/// in its TPM; and that key is an ECDSA P-256 signing key that cannot leave the TPM.
+pub fn verify_certify(
+    role: &'static str,
+    ak_public: &[u8],
+    key_public: &[u8],
+    message: &[u8],
+    signature: &[u8],
+    nonce: &[u8],
+) -> Result<CertifiedKeyInfo, QuoteRefusal> {
+    let (n, e) = ak_key(ak_public)?;
+    check_rsassa_signature(
+        &n,
+        &e,
+        message,
+        signature,
+        "certification signature (TPMT_SIGNATURE)",
+    )?;
+    let mut m = Reader::new("certification (TPMS_ATTEST)", message);
+    if m.u32()? != TPM_GENERATED_VALUE || m.u16()? != TPM_ST_ATTEST_CERTIFY {
+        return Err(QuoteRefusal::Malformed {
+            what: "certification",
+            detail: "not a TPM-generated certify structure".into(),
+        });
+    }
+    let _signer = m.sized()?;
+    if m.sized()? != nonce {
+        return Err(QuoteRefusal::WrongNonce);
+    }
+    let _clock_info = m.bytes(8 + 4 + 4 + 1)?;
+    let _firmware = m.u64()?;
+    let certified_name = m.sized()?;
+    let _qualified_name = m.sized()?;
+    m.end()?;
+
+    let name = tpm_name(key_public)?;
+    if certified_name != name.as_slice() {
+        return Err(QuoteRefusal::CertifiedName { role });
+    }
+    let bad = |detail: String| QuoteRefusal::CertifiedKey { role, detail };
+    let mut outer = Reader::new("certified key (TPM2B_PUBLIC)", key_public);
+    let inner = outer.sized()?;
+    outer.end()?;
+    let mut r = Reader::new("certified key (TPMT_PUBLIC)", inner);
+    let key_type = r.u16()?;
+    let _name_alg = r.u16()?;
+    let attrs = r.u32()?;
+    if key_type != TPM_ALG_ECC {
+        return Err(bad(format!("type {key_type:#06x}, expected ECC")));
+    }
+    for (bit, attr) in [
+        (ATTR_FIXED_TPM, "fixedTPM"),
+        (ATTR_FIXED_PARENT, "fixedParent"),
+        (ATTR_SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+        (ATTR_SIGN, "sign"),
+    ] {
+        if attrs & bit == 0 {
+            return Err(bad(format!("it lacks the {attr} attribute")));
+        }
+    }
+    if attrs & ATTR_DECRYPT != 0 {
+        return Err(bad("it also decrypts".into()));
+    }
+    let _auth_policy = r.sized()?;
+    let symmetric = r.u16()?;
+    if symmetric != TPM_ALG_NULL {
+        return Err(bad("a signing key has no symmetric algorithm".into()));
+    }
+    let scheme = r.u16()?;
+    let scheme_hash = if scheme != TPM_ALG_NULL { r.u16()? } else { 0 };
+    if scheme != TPM_ALG_ECDSA || scheme_hash != TPM_ALG_SHA256 {
+        return Err(bad(format!(
+            "scheme {scheme:#06x}/{scheme_hash:#06x}, expected ECDSA/SHA-256"
+        )));
+    }
+    let curve = r.u16()?;
+    if curve != TPM_ECC_NIST_P256 {
+        return Err(bad(format!("curve {curve:#06x}, expected NIST P-256")));
+    }
+    let kdf = r.u16()?;
+    if kdf != TPM_ALG_NULL {
+        let _kdf_hash = r.u16()?;
+    }
+    let (x, y) = (r.sized()?, r.sized()?);
+    r.end()?;
+    if x.len() != 32 || y.len() != 32 {
+        return Err(bad("the point is not 32+32 bytes".into()));
+    }
+    let mut point = vec![4u8];
+    point.extend_from_slice(x);
+    point.extend_from_slice(y);
+    Ok(CertifiedKeyInfo { point, name })
+}
+
 /// Verifies a quote. `pcr_values` are the device's reported SHA-256 PCR values, by index.
 pub fn verify(
     ak_public: &[u8],
@@ -194,20 +352,7 @@ pub fn verify(
     pcr_values: &[(u8, [u8; 32])],
 ) -> Result<VerifiedQuote, QuoteRefusal> {
     let (n, e) = ak_key(ak_public)?;
-
-    let mut s = Reader::new("quote.sig (TPMT_SIGNATURE)", signature);
-    let (sig_alg, sig_hash) = (s.u16()?, s.u16()?);
-    if sig_alg != TPM_ALG_RSASSA || sig_hash != TPM_ALG_SHA256 {
-        return Err(QuoteRefusal::Malformed {
-            what: "quote.sig",
-            detail: format!("scheme {sig_alg:#06x}/{sig_hash:#06x}, expected RSASSA/SHA-256"),
-        });
-    }
-    let sig = s.sized()?;
-    s.end()?;
-    RsaPublicKeyComponents { n: &n, e: &e }
-        .verify(&RSA_PKCS1_2048_8192_SHA256, message, sig)
-        .map_err(|_| QuoteRefusal::BadSignature)?;
+    check_rsassa_signature(&n, &e, message, signature, "quote.sig (TPMT_SIGNATURE)")?;
 
     // Signed, so from here on the content is the TPM's; still parsed with bounds checks.
     let mut m = Reader::new("quote.msg (TPMS_ATTEST)", message);

@@ -5,7 +5,7 @@
 
 use cairn_fleet::quote::{verify, QuoteRefusal};
 use cairn_tpm::swtpm::Swtpm;
-use cairn_tpm::{QuoteFiles, Tpm};
+use cairn_tpm::{EkAlgorithm, QuoteFiles, Tpm};
 
 /// PCR values out of the tpm2-tools layout cairn-tpm writes (one TPML_DIGEST for up to 8 PCRs).
 fn values(q: &QuoteFiles, pcrs: &[u8]) -> Vec<(u8, [u8; 32])> {
@@ -24,16 +24,16 @@ fn good_quote_passes_and_every_tampering_is_refused_with_its_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let sw = Swtpm::start(tmp.path()).unwrap();
     let tpm = Tpm::new(sw.tcti()).unwrap();
-    let ak = tpm.create_ak().unwrap();
+    let ak = tpm.create_ak(EkAlgorithm::Rsa2048).unwrap();
     let pcrs = [0, 1, 2, 3, 4, 5, 6, 7];
     let nonce = [7u8; 32];
-    let q = tpm.quote(&ak, &nonce, &pcrs).unwrap();
+    let q = tpm.quote(EkAlgorithm::Rsa2048, &ak, &nonce, &pcrs).unwrap();
     let vals = values(&q, &pcrs);
 
     let ok = verify(&q.ak_public, &q.message, &q.signature, &nonce, &vals).unwrap();
     assert_eq!(ok.pcrs, pcrs);
     // A second quote: the TPM clock moves forward, the reset count stays.
-    let q2 = tpm.quote(&ak, &nonce, &pcrs).unwrap();
+    let q2 = tpm.quote(EkAlgorithm::Rsa2048, &ak, &nonce, &pcrs).unwrap();
     let ok2 = verify(
         &q2.ak_public,
         &q2.message,
@@ -84,8 +84,10 @@ fn good_quote_passes_and_every_tampering_is_refused_with_its_reason() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = Swtpm::start(other_dir.path()).unwrap();
     let other_tpm = Tpm::new(other.tcti()).unwrap();
-    let other_ak = other_tpm.create_ak().unwrap();
-    let other_q = other_tpm.quote(&other_ak, &nonce, &pcrs).unwrap();
+    let other_ak = other_tpm.create_ak(EkAlgorithm::Rsa2048).unwrap();
+    let other_q = other_tpm
+        .quote(EkAlgorithm::Rsa2048, &other_ak, &nonce, &pcrs)
+        .unwrap();
     assert_eq!(
         refuse(&other_q.ak_public, &q.message, &q.signature, &nonce, &vals),
         QuoteRefusal::BadSignature
@@ -99,7 +101,7 @@ fn good_quote_passes_and_every_tampering_is_refused_with_its_reason() {
         .status()
         .unwrap();
     assert!(status.success());
-    let after = tpm.quote(&ak, &nonce, &pcrs).unwrap();
+    let after = tpm.quote(EkAlgorithm::Rsa2048, &ak, &nonce, &pcrs).unwrap();
     assert_eq!(
         refuse(
             &q.ak_public,

@@ -21,12 +21,15 @@ pub struct Request {
 pub enum Command {
     /// The whole status of the agent, as `cairnctl status` shows it.
     Status,
+    /// Attest to the fleet now (or enrol, if not onboarded yet) and answer with the outcome.
+    Attest,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
     Status(Box<Status>),
+    Attest(OnboardingStatus),
     Error { message: String },
 }
 
@@ -53,13 +56,28 @@ pub struct AgentStatus {
     pub data_dir: String,
 }
 
-/// Onboarding is only the first state until the attestation work lands; the field exists so clients can rely
-/// on it from protocol version 1 on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the device is in onboarding. `state` is one of: unprovisioned, contacting_fleet, enrolling,
+/// awaiting_approval, attesting, onboarded, refused, retrying.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnboardingStatus {
     pub state: String,
+    /// A sentence: the fleet's reason when refused, the error when retrying, what happens next otherwise.
     pub detail: String,
+    /// The fleet's name for this device (its EK's TPM name, hex), once known.
+    pub device_id: Option<String>,
+    /// The fleet in use and how it was found ("configuration", "provisioning file …", "DNS SRV …").
+    pub fleet_url: Option<String>,
+    pub fleet_source: Option<String>,
+    /// The fleet's refusal code, when refused.
+    pub code: Option<String>,
+    /// When the next attempt or re-attestation is due.
+    pub next_attempt_unix: Option<u64>,
+    /// Consecutive failed attempts (drives the backoff).
+    pub attempt: u32,
+    /// When the fleet last said "trusted".
+    pub last_trusted_unix: Option<u64>,
+    pub since_unix: u64,
 }
 
 /// The state of one part of the site: whether it was looked at, what was found, and when.

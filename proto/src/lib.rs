@@ -8,4 +8,5 @@
 //! so instead of being half-understood. A new field is a new protocol version.
 
 pub mod control;
+pub mod eventlog;
 pub mod fleet;

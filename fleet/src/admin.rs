@@ -1,0 +1,109 @@
+//! Operator commands (`cairn-fleet devices …`). The device store is locked while the server runs, so a
+//! command goes to the running server through its admin socket (`<state>/admin.sock`, mode 0600); when no
+//! server runs, the command takes the lock and works on the store itself. Either way the same code applies it.
+
+use crate::store::{self, DeviceRecord, DeviceState, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+pub const ADMIN_SOCKET: &str = "admin.sock";
+const MAX_LINE: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    List,
+    Approve { id: String },
+    Forget { id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminResponse {
+    Devices { devices: Vec<DeviceRecord> },
+    Done { message: String },
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the fleet server holds {state} but its admin socket {socket} does not answer")]
+    Socket {
+        state: PathBuf,
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the fleet server sent an answer that is not valid: {0}")]
+    Answer(String),
+}
+
+/// Runs `req` against the state directory: through the server if one runs, directly otherwise.
+pub fn run(state: &Path, req: &AdminRequest) -> Result<AdminResponse, AdminError> {
+    if let Some(lock) = store::try_lock(state)? {
+        let mut store = Store::open(state, &lock)?;
+        return Ok(apply(&mut store, req)?);
+    }
+    let socket = state.join(ADMIN_SOCKET);
+    let serr = |source| AdminError::Socket {
+        state: state.to_owned(),
+        socket: socket.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(&socket).map_err(serr)?;
+    let mut line = serde_json::to_string(req).map_err(|e| AdminError::Answer(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(serr)?;
+    let mut answer = String::new();
+    BufReader::new(stream.take(MAX_LINE))
+        .read_line(&mut answer)
+        .map_err(serr)?;
+    serde_json::from_str(&answer).map_err(|e| AdminError::Answer(e.to_string()))
+}
+
+/// Applies one admin request to a device store: the running server's, or one this command opened.
+pub fn apply(store: &mut Store, req: &AdminRequest) -> Result<AdminResponse, StoreError> {
+    Ok(match req {
+        AdminRequest::List => AdminResponse::Devices {
+            devices: store.devices.values().cloned().collect(),
+        },
+        AdminRequest::Approve { id } => match store.devices.get_mut(id) {
+            Some(rec) => {
+                if rec.vouched_by.is_none() {
+                    rec.vouched_by = Some("operator".into());
+                }
+                if rec.state == DeviceState::Pending {
+                    rec.state = DeviceState::Enrolling;
+                    // The approval answers the pending reason; later refusals are still kept.
+                    rec.reason = None;
+                }
+                let state = rec.state.as_str();
+                store.save()?;
+                AdminResponse::Done {
+                    message: format!(
+                        "device {id} approved; it is {state} and onboards at its next attempt"
+                    ),
+                }
+            }
+            None => AdminResponse::Error {
+                message: format!("device {id} is not known to this fleet"),
+            },
+        },
+        AdminRequest::Forget { id } => {
+            if store.devices.remove(id).is_some() {
+                store.save()?;
+                AdminResponse::Done {
+                    message: format!("device {id} forgotten; it must enrol from scratch"),
+                }
+            } else {
+                AdminResponse::Error {
+                    message: format!("device {id} is not known to this fleet"),
+                }
+            }
+        }
+    })
+}
