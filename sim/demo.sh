@@ -33,13 +33,35 @@ wait_for() {
 }
 
 step "Bringing up a simulated site in $dir"
-say "software TPM (swtpm, with an EK certificate), the reference fleet over HTTPS,"
-say "a fake NVIDIA driver with 8× H100, a fake sysfs tree with 8 NVMe drives, and cairnd."
-"$bin/cairn-sim" up "$dir" >/dev/null
+say "software TPM (swtpm, with an EK certificate) after a simulated measured boot (PCRs 0-7 and"
+say "an event log), the reference fleet over HTTPS, a fake NVIDIA driver with 8× H100, a fake sysfs"
+say "tree with 8 NVMe drives, and cairnd. Nobody types anything on the device."
+"$bin/cairn-sim" up "$dir" --trust operator >/dev/null
 set -a; . "$dir/site.env"; set +a
 ok "swtpm pid $SWTPM_PID at $TPM_TCTI"
 ok "fleet pid $FLEET_PID at $FLEET_URL (its CA: $FLEET_STATE/ca.pem)"
 ok "cairnd pid $CAIRND_PID, config $CAIRN_CONFIG"
+
+fleet() { "$bin/cairn-fleet" devices --state "$FLEET_STATE" "$@"; }
+
+step "Onboarding, step 1: the device enrols its TPM; the fleet does not know it yet"
+say "this fleet was given no manufacturer CA and no allow-list, so the TPM waits for a person"
+wait_for 30 '.onboarding.state == "awaiting_approval"'
+"$bin/cairnctl" status | sed -n '/^onboarding/,/^tpm/p' | grep -v '^tpm' | sed 's/^/   /'
+say "the fleet's view (cairn-fleet devices --state $FLEET_STATE):"
+fleet | sed 's/^/   /'
+id=$(status_json | jq -r .onboarding.device_id)
+
+step "Onboarding, step 2: an operator approves the TPM by its EK name"
+fleet approve "$id" | sed 's/^/   /'
+
+step "Onboarding, step 3: credential activation, quote, certified keys, certificate (cairnctl attest)"
+say "the fleet seals a secret to the EK for the AK's name (MakeCredential); only this TPM can open it;"
+say "the quote over the fleet's nonce and the event log replay to the same PCRs; the AK certifies the"
+say "TPM-resident device and telemetry keys; the fleet issues the device certificate"
+"$bin/cairnctl" attest | sed 's/^/   /' || fail "onboarding failed"
+fleet | sed 's/^/   /'
+ok "onboarded; from now on the device talks mTLS with a key that never leaves its TPM"
 
 step "What cairnd sees (cairnctl status)"
 "$bin/cairnctl" status | sed 's/^/   /'
@@ -83,6 +105,12 @@ wait_for 15 '.fleet.state == "ok"'
 "$bin/cairnctl" status | grep '^fleet' | sed 's/^/   /'
 ok "fleet reachable again"
 
+step "Tampering: something measures itself into PCR 4 that the boot log does not show"
+tpm2_pcrextend -T "$TPM_TCTI" "4:sha256=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+if "$bin/cairnctl" attest | sed 's/^/   /'; then fail "the fleet trusted a tampered device"; fi
+fleet | sed 's/^/   /'
+ok "refused, with the reason on both sides; the fleet no longer honours the device's certificate"
+
 step "Not yet in this build"
-say "enrolment and fleet-verified attestation — issue 3; health model and events — issue 4;"
-say "signed telemetry spool — issue 5; workloads — issue 6; A/B image and OTA — issue 7."
+say "health model and events — issue 4; signed telemetry spool — issue 5; workloads — issue 6;"
+say "A/B image and OTA — issue 7."

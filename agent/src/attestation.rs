@@ -1,40 +1,79 @@
-//! The device's attestation key, kept on the data partition, and quotes made with it. The AK is created
-//! once, on first use, and loaded again per operation, so a reboot or an agent restart never changes it.
+//! The device's TPM keys, kept on the data partition, and quotes made with them. The AK, the device (mTLS) key
+//! and the telemetry key are created once under the configured EK, on first use, and loaded again per
+//! operation, so a reboot or an agent restart never changes them.
 //! `cairnctl quote` uses this module directly (with or without cairnd running): the TPM is opened per
 //! operation, so both can reach it.
 
-use cairn_tpm::{AkBlob, QuoteFiles, Tpm};
+use cairn_tpm::{AkBlob, EkAlgorithm, QuoteFiles, Tpm};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttestationError {
-    #[error("cannot read the attestation key at {path}")]
+    #[error("cannot read the TPM key blob at {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot store the attestation key at {path}")]
+    #[error("cannot store the TPM key blob at {path}")]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the attestation key at {dir} is incomplete ({missing} is missing); move the directory away to create a new key (the fleet must then re-enrol the device)")]
-    Incomplete { dir: PathBuf, missing: &'static str },
+    #[error("the {role} key at {dir} is incomplete ({missing} is missing); move the directory away to create new keys (the fleet must then re-enrol the device)")]
+    Incomplete {
+        role: KeyRole,
+        dir: PathBuf,
+        missing: String,
+    },
     #[error(transparent)]
     Tpm(#[from] cairn_tpm::TpmError),
     #[error("nonce {0:?} is not valid: give 1 to {max} bytes as hex, e.g. 5a1122…", max = cairn_tpm::MAX_NONCE_BYTES)]
     Nonce(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("PCR selection {0:?} is not valid: give sha256:INDEX,INDEX,… with indices 0 to 23, e.g. sha256:0,1,2,3,4,5,6,7")]
     Pcrs(String),
 }
 
-/// Where the AK lives: `<data_dir>/identity/ak.{priv,pub}`.
-pub fn ak_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("identity")
+/// The TPM-resident keys a device keeps, each created under the EK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRole {
+    /// The attestation key: restricted, signs quotes and certifies the others.
+    Ak,
+    /// ECDSA P-256, certified by the AK; the fleet issues its X.509 certificate for mTLS.
+    Device,
+    /// ECDSA P-256, certified by the AK; signs telemetry batches.
+    Telemetry,
+}
+
+impl KeyRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRole::Ak => "ak",
+            KeyRole::Device => "device",
+            KeyRole::Telemetry => "telemetry",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyRole::Ak => "attestation",
+            KeyRole::Device => "device",
+            KeyRole::Telemetry => "telemetry",
+        })
+    }
+}
+
+/// Where the keys made under one EK live: `<data_dir>/identity/<ek-algorithm>/{ak,device,telemetry}.{priv,pub}`.
+/// Keys hang off their EK, so switching `tpm.ek_algorithm` uses another directory rather than unloadable blobs.
+pub fn key_dir(data_dir: &Path, alg: EkAlgorithm) -> PathBuf {
+    data_dir.join("identity").join(alg.as_str())
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AttestationError> {
@@ -55,10 +94,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AttestationError> {
     std::fs::rename(&tmp, path).map_err(werr)
 }
 
-/// Loads the AK, creating and storing it first if this device has none yet.
-pub fn load_or_create_ak(tpm: &Tpm, data_dir: &Path) -> Result<AkBlob, AttestationError> {
-    let dir = ak_dir(data_dir);
-    let (priv_path, pub_path) = (dir.join("ak.priv"), dir.join("ak.pub"));
+/// Loads a key, creating and storing it first if this device has none yet.
+pub fn load_or_create(
+    tpm: &Tpm,
+    data_dir: &Path,
+    alg: EkAlgorithm,
+    role: KeyRole,
+) -> Result<AkBlob, AttestationError> {
+    let dir = key_dir(data_dir, alg);
+    let priv_name = format!("{}.priv", role.as_str());
+    let pub_name = format!("{}.pub", role.as_str());
+    let (priv_path, pub_path) = (dir.join(&priv_name), dir.join(&pub_name));
     match (priv_path.exists(), pub_path.exists()) {
         (true, true) => {
             let read = |p: &Path| {
@@ -77,21 +123,35 @@ pub fn load_or_create_ak(tpm: &Tpm, data_dir: &Path) -> Result<AkBlob, Attestati
                 path: dir.clone(),
                 source,
             })?;
-            let ak = tpm.create_ak()?;
-            // Public first: a crash in between leaves "ak.priv missing", which is reported, never half-used.
-            write_private(&pub_path, &ak.public)?;
-            write_private(&priv_path, &ak.private)?;
-            Ok(ak)
+            let key = match role {
+                KeyRole::Ak => tpm.create_ak(alg)?,
+                KeyRole::Device | KeyRole::Telemetry => tpm.create_signing_key(alg)?,
+            };
+            // Public first: a crash in between leaves "*.priv missing", which is reported, never half-used.
+            write_private(&pub_path, &key.public)?;
+            write_private(&priv_path, &key.private)?;
+            Ok(key)
         }
         (false, true) => Err(AttestationError::Incomplete {
+            role,
             dir,
-            missing: "ak.priv",
+            missing: priv_name,
         }),
         (true, false) => Err(AttestationError::Incomplete {
+            role,
             dir,
-            missing: "ak.pub",
+            missing: pub_name,
         }),
     }
+}
+
+/// Loads the AK, creating and storing it first if this device has none yet.
+pub fn load_or_create_ak(
+    tpm: &Tpm,
+    data_dir: &Path,
+    alg: EkAlgorithm,
+) -> Result<AkBlob, AttestationError> {
+    load_or_create(tpm, data_dir, alg, KeyRole::Ak)
 }
 
 pub fn parse_nonce(hex: &str) -> Result<Vec<u8>, AttestationError> {
@@ -130,12 +190,13 @@ pub fn parse_pcrs(spec: &str) -> Result<Vec<u8>, AttestationError> {
 pub fn quote_to_dir(
     tpm: &Tpm,
     data_dir: &Path,
+    alg: EkAlgorithm,
     nonce: &[u8],
     pcrs: &[u8],
     out: &Path,
 ) -> Result<QuoteFiles, AttestationError> {
-    let ak = load_or_create_ak(tpm, data_dir)?;
-    let q = tpm.quote(&ak, nonce, pcrs)?;
+    let ak = load_or_create_ak(tpm, data_dir, alg)?;
+    let q = tpm.quote(alg, &ak, nonce, pcrs)?;
     std::fs::create_dir_all(out).map_err(|source| AttestationError::Write {
         path: out.to_owned(),
         source,
@@ -178,12 +239,14 @@ mod tests {
     #[test]
     fn half_stored_ak_is_reported_not_replaced() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = ak_dir(tmp.path());
+        let dir = key_dir(tmp.path(), EkAlgorithm::Rsa2048);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("ak.pub"), b"x").unwrap();
         // The TCTI is never reached: the store is checked first.
         let tpm = Tpm::new("swtpm:host=127.0.0.1,port=1").unwrap();
-        let err = load_or_create_ak(&tpm, tmp.path()).unwrap_err().to_string();
+        let err = load_or_create_ak(&tpm, tmp.path(), EkAlgorithm::Rsa2048)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ak.priv is missing"), "{err}");
     }
 }

@@ -44,6 +44,12 @@ pub struct TpmConfig {
     pub tcti: String,
     /// How often the TPM is re-checked. Each check opens and closes the TPM.
     pub probe_interval_secs: u64,
+    /// Which TCG default EK the device's keys hang off: "rsa2048" or "ecc-p256".
+    pub ek_algorithm: String,
+    /// PCRs quoted for the fleet: `sha256:` and indices.
+    pub pcrs: String,
+    /// The measured-boot event log sent with each quote. Empty: `<sys_root>/sys/kernel/security/tpm0/binary_bios_measurements`.
+    pub event_log: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +61,14 @@ pub struct FleetConfig {
     pub ca_file: PathBuf,
     pub check_interval_secs: u64,
     pub timeout_secs: u64,
+    /// Provisioning files (USB stick, boot partition) whose `fleet_url` overrides `url`; the first one found wins.
+    pub provisioning_paths: Vec<PathBuf>,
+    /// Look up DNS SRV `_cairn-enroll._tcp.<domain>` for the search domains in `resolv_conf`.
+    pub discover_srv: bool,
+    pub resolv_conf: PathBuf,
+    /// Onboarding retries back off from the first to the second value, with jitter.
+    pub retry_min_secs: u64,
+    pub retry_max_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +103,9 @@ impl Default for TpmConfig {
         TpmConfig {
             tcti: "device:/dev/tpmrm0".into(),
             probe_interval_secs: 60,
+            ek_algorithm: "rsa2048".into(),
+            pcrs: "sha256:0,1,2,3,4,5,6,7".into(),
+            event_log: PathBuf::new(),
         }
     }
 }
@@ -100,6 +117,15 @@ impl Default for FleetConfig {
             ca_file: "/usr/lib/cairn/fleet-ca.pem".into(),
             check_interval_secs: 30,
             timeout_secs: 10,
+            provisioning_paths: vec![
+                "/run/cairn/provision/cairn-provision.toml".into(),
+                "/boot/cairn-provision.toml".into(),
+                "/boot/efi/cairn-provision.toml".into(),
+            ],
+            discover_srv: true,
+            resolv_conf: "/etc/resolv.conf".into(),
+            retry_min_secs: 5,
+            retry_max_secs: 300,
         }
     }
 }
@@ -350,6 +376,23 @@ fn log_filter_is_valid(filter: &str) -> bool {
         })
 }
 
+impl Config {
+    pub fn ek_algorithm(&self) -> Result<cairn_tpm::EkAlgorithm, String> {
+        self.tpm.ek_algorithm.parse()
+    }
+
+    /// The event log path, defaulted under `hardware.sys_root`.
+    pub fn event_log_path(&self) -> PathBuf {
+        if self.tpm.event_log.as_os_str().is_empty() {
+            self.hardware
+                .sys_root
+                .join("sys/kernel/security/tpm0/binary_bios_measurements")
+        } else {
+            self.tpm.event_log.clone()
+        }
+    }
+}
+
 /// Checks that cannot be expressed in types.
 fn validate(c: &Config) -> Result<(), ConfigError> {
     let origin = "configuration";
@@ -358,6 +401,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("fleet.check_interval_secs", c.fleet.check_interval_secs),
         ("fleet.timeout_secs", c.fleet.timeout_secs),
         ("hardware.poll_interval_secs", c.hardware.poll_interval_secs),
+        ("fleet.retry_min_secs", c.fleet.retry_min_secs),
     ] {
         if secs == 0 {
             return Err(ConfigError::invalid(
@@ -367,12 +411,38 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
-    if let Err(e) = crate::uplink::FleetUrl::parse(&c.fleet.url) {
+    if c.fleet.retry_max_secs < c.fleet.retry_min_secs {
         return Err(ConfigError::invalid(
             origin,
-            format!("key `fleet.url`: {e}"),
-            "give the fleet's https URL, e.g. https://fleet.example.com:8443",
+            format!(
+                "key `fleet.retry_max_secs` ({}) is below `fleet.retry_min_secs` ({})",
+                c.fleet.retry_max_secs, c.fleet.retry_min_secs
+            ),
+            "make the cap at least the first retry delay, e.g. 300",
         ));
+    }
+    if let Err(e) = c.ek_algorithm() {
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `tpm.ek_algorithm`: {e}"),
+            "use \"rsa2048\" or \"ecc-p256\"",
+        ));
+    }
+    if let Err(e) = crate::attestation::parse_pcrs(&c.tpm.pcrs) {
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `tpm.pcrs`: {e}"),
+            "use e.g. \"sha256:0,1,2,3,4,5,6,7\"",
+        ));
+    }
+    if !c.fleet.url.is_empty() {
+        if let Err(e) = crate::uplink::FleetUrl::parse(&c.fleet.url) {
+            return Err(ConfigError::invalid(
+            origin,
+            format!("key `fleet.url`: {e}"),
+            "give the fleet's https URL, e.g. https://fleet.example.com:8443, or \"\" to rely on discovery",
+        ));
+        }
     }
     if !log_filter_is_valid(&c.agent.log_level) {
         return Err(ConfigError::invalid(

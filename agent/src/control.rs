@@ -1,6 +1,7 @@
 //! The local control socket: a Unix socket, mode 0600, that only root or the agent's own user may use
 //! (checked with SO_PEERCRED as well as by file mode). One JSON request per line, one JSON response per line.
 
+use crate::onboarding::AttestNow;
 use crate::status::StatusBoard;
 use cairn_proto::control::{Command, Request, Response, CONTROL_VERSION, MAX_LINE_BYTES};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -78,7 +80,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Serves requests until the listener is dropped (the task is aborted at shutdown).
-pub async fn serve(listener: UnixListener, board: StatusBoard) {
+pub async fn serve(
+    listener: UnixListener,
+    board: StatusBoard,
+    attest: Option<mpsc::Sender<AttestNow>>,
+) {
     let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let (stream, _) = match listener.accept().await {
@@ -100,15 +106,20 @@ pub async fn serve(listener: UnixListener, board: StatusBoard) {
             continue;
         }
         let board = board.clone();
+        let attest = attest.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &board).await {
+            if let Err(e) = handle(stream, &board, attest.as_ref()).await {
                 tracing::debug!(error = %e, "control client went away");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, board: &StatusBoard) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    board: &StatusBoard,
+    attest: Option<&mpsc::Sender<AttestNow>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read.take(MAX_LINE_BYTES as u64 + 1));
     let mut line = String::new();
@@ -122,7 +133,7 @@ async fn handle(stream: UnixStream, board: &StatusBoard) -> std::io::Result<()> 
                 message: format!("request longer than {MAX_LINE_BYTES} bytes"),
             }
         } else {
-            answer(line.trim_end(), board)
+            answer(line.trim_end(), board, attest).await
         };
         let mut text = serde_json::to_string(&response).map_err(std::io::Error::other)?;
         text.push('\n');
@@ -134,7 +145,11 @@ async fn handle(stream: UnixStream, board: &StatusBoard) -> std::io::Result<()> 
     }
 }
 
-fn answer(line: &str, board: &StatusBoard) -> Response {
+async fn answer(
+    line: &str,
+    board: &StatusBoard,
+    attest: Option<&mpsc::Sender<AttestNow>>,
+) -> Response {
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
@@ -150,6 +165,24 @@ fn answer(line: &str, board: &StatusBoard) -> Response {
     }
     match req.command {
         Command::Status => Response::Status(Box::new(board.snapshot())),
+        Command::Attest => {
+            let unavailable = |why: &str| Response::Error {
+                message: format!("cannot attest: {why}"),
+            };
+            let Some(attest) = attest else {
+                return unavailable(
+                    "onboarding is not running (see the TPM line of `cairnctl status`)",
+                );
+            };
+            let (tx, rx) = oneshot::channel();
+            if attest.send(tx).await.is_err() {
+                return unavailable("onboarding has stopped");
+            }
+            match rx.await {
+                Ok(status) => Response::Attest(status),
+                Err(_) => unavailable("onboarding stopped before answering"),
+            }
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::config::Loaded;
 use crate::hardware::gpu::{GpuSource, NvmlGpus};
 use crate::hardware::sysfs::SysRoot;
-use crate::identity::{self, TpmProbe};
+use crate::identity::TpmProbe;
 use crate::status::{component, StatusBoard};
 use crate::uplink::FleetClient;
 use crate::{control, metrics, notify};
@@ -57,7 +57,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             config_sources: loaded.sources.clone(),
             data_dir: config.agent.data_dir.display().to_string(),
         },
-        identity::onboarding_initial(),
+        crate::onboarding::load_state(&config.agent.data_dir),
     );
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
@@ -124,11 +124,22 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         tokio::spawn(async move {
             let timeout = Duration::from_secs(fleet.timeout_secs);
             let mut client = None;
+            let mut client_url = String::new();
             let mut was_ok = None;
             loop {
+                // The fleet onboarding found (provisioning file, DNS SRV) wins over the configured one.
+                let url = board
+                    .snapshot()
+                    .onboarding
+                    .fleet_url
+                    .unwrap_or_else(|| fleet.url.clone());
+                if url != client_url {
+                    client = None;
+                    client_url.clone_from(&url);
+                }
                 // Built lazily and retried: a CA file that appears later (provisioning) is picked up.
                 if client.is_none() {
-                    client = Some(FleetClient::new(&fleet.url, &fleet.ca_file, timeout));
+                    client = Some(FleetClient::new(&url, &fleet.ca_file, timeout));
                 }
                 let result = match &client {
                     Some(Ok(c)) => c.info().await.map_err(|e| crate::error_chain(&e)),
@@ -141,15 +152,15 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                 let ok = result.is_ok();
                 if was_ok != Some(ok) {
                     match &result {
-                        Ok(_) => tracing::info!(url = %fleet.url, "fleet reachable"),
+                        Ok(_) => tracing::info!(%url, "fleet reachable"),
                         Err(e) => {
-                            tracing::warn!(url = %fleet.url, reason = %e, "fleet unreachable")
+                            tracing::warn!(%url, reason = %e, "fleet unreachable")
                         }
                     }
                     was_ok = Some(ok);
                 }
                 let facts = result.map(|(info, rtt)| FleetFacts {
-                    url: fleet.url.clone(),
+                    url: url.clone(),
                     protocol_version: cairn_proto::fleet::FLEET_PROTOCOL_VERSION,
                     fleet_version: info.version,
                     round_trip_us: rtt.as_micros() as u64,
@@ -160,7 +171,24 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         })
     };
 
-    let control_task = tokio::spawn(control::serve(listener, board.clone()));
+    // Onboarding needs a usable TPM configuration; without one the agent still runs and says why.
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (attest_tx, onboarding_task) =
+        match crate::onboarding::Onboarding::new(&config, board.clone()) {
+            Ok(o) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                (Some(tx), Some(tokio::spawn(o.run(rx, shutdown_rx))))
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "onboarding cannot start");
+                board.update(|s| {
+                    s.onboarding.state = "retrying".into();
+                    s.onboarding.detail = format!("onboarding cannot start: {reason}");
+                });
+                (None, None)
+            }
+        };
+    let control_task = tokio::spawn(control::serve(listener, board.clone(), attest_tx));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, board.clone()));
 
     // systemctl status shows this line; refreshed as the picture changes.
@@ -204,6 +232,11 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     notify::stopping(Duration::from_secs(1));
 
     control_task.abort();
+    let _ = shutdown_tx.send(true);
+    if let Some(t) = onboarding_task {
+        // It stops between TPM commands; a blocking TPM call already running finishes on its own thread.
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     metrics_task.abort();
     fleet_task.abort();
     notify_task.abort();

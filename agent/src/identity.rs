@@ -1,7 +1,6 @@
-//! The device's identity: its TPM, and (with the attestation work) onboarding. Today it reports what TPM the
-//! device has; onboarding stays `unprovisioned` until enrolment exists, and says so.
+//! What TPM the device has, as the status shows it. Onboarding (enrolment, attestation) is `onboarding`.
 
-use cairn_proto::control::{OnboardingStatus, TpmFacts};
+use cairn_proto::control::TpmFacts;
 
 /// The TPM as the agent needs it, so tests can stand in for it.
 pub trait TpmProbe: Send {
@@ -21,12 +20,5 @@ impl TpmProbe for cairn_tpm::Tpm {
                 .map(|c| c.kind.to_owned())
                 .collect(),
         })
-    }
-}
-
-pub fn onboarding_initial() -> OnboardingStatus {
-    OnboardingStatus {
-        state: "unprovisioned".into(),
-        detail: "enrolment with the fleet is not implemented in this build".into(),
     }
 }

@@ -5,12 +5,15 @@ pub mod attestation;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod discovery;
 pub mod hardware;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod onboarding;
 pub mod status;
+pub mod tpm_tls;
 pub mod uplink;
 pub mod view;
 

@@ -1,8 +1,8 @@
 //! The agent's side of the fleet connection: HTTPS (rustls, ring) to the configured fleet, trusting only the
 //! CA that ships in the image. Agent-initiated and outbound only: sites sit behind NAT.
 
-use cairn_proto::fleet::{FleetInfo, FLEET_PROTOCOL_VERSION, INFO_PATH};
-use http_body_util::{BodyExt, Empty, Limited};
+use cairn_proto::fleet::{FleetError, FleetInfo, FLEET_PROTOCOL_VERSION, INFO_PATH};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use std::path::Path;
@@ -91,6 +91,15 @@ pub enum UplinkError {
         path: &'static str,
         status: u16,
     },
+    /// The fleet said no, with its reason (the body of a non-2xx answer).
+    #[error("fleet {authority} refused {path} ({code}): {message}")]
+    Refused {
+        authority: String,
+        path: &'static str,
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("fleet {authority} sent a response to {path} that is not valid: {reason}")]
     Body {
         authority: String,
@@ -123,6 +132,25 @@ impl std::fmt::Debug for FleetClient {
 
 impl FleetClient {
     pub fn new(url: &str, ca_file: &Path, timeout: Duration) -> Result<Self, UplinkError> {
+        Self::build(url, ca_file, timeout, None)
+    }
+
+    /// A client that presents a client certificate (the device certificate, its key in the TPM).
+    pub fn with_client_cert(
+        url: &str,
+        ca_file: &Path,
+        timeout: Duration,
+        identity: Arc<dyn rustls::client::ResolvesClientCert>,
+    ) -> Result<Self, UplinkError> {
+        Self::build(url, ca_file, timeout, Some(identity))
+    }
+
+    fn build(
+        url: &str,
+        ca_file: &Path,
+        timeout: Duration,
+        identity: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+    ) -> Result<Self, UplinkError> {
         let url = FleetUrl::parse(url).map_err(|reason| UplinkError::Body {
             authority: url.to_owned(),
             path: "/",
@@ -148,8 +176,11 @@ impl FleetClient {
                 authority: url.authority(),
                 source: std::io::Error::other(e),
             })?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some(resolver) => config.with_client_cert_resolver(resolver),
+            None => config.with_no_client_auth(),
+        };
         Ok(FleetClient {
             url,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -177,14 +208,63 @@ impl FleetClient {
     }
 
     async fn get(&self, path: &'static str) -> Result<Bytes, UplinkError> {
+        self.exchange(hyper::Method::GET, path, None).await
+    }
+
+    /// POSTs `body` as JSON and reads a JSON answer; a non-2xx answer becomes [`UplinkError::Refused`].
+    pub async fn post_json<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &'static str,
+        body: &T,
+    ) -> Result<R, UplinkError> {
+        let authority = self.url.authority();
+        let bytes = serde_json::to_vec(body).map_err(|e| UplinkError::Body {
+            authority: authority.clone(),
+            path,
+            reason: e.to_string(),
+        })?;
+        let answer = self
+            .exchange(hyper::Method::POST, path, Some(bytes))
+            .await?;
+        serde_json::from_slice(&answer).map_err(|e| UplinkError::Body {
+            authority,
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// GETs a JSON document.
+    pub async fn get_json<R: serde::de::DeserializeOwned>(
+        &self,
+        path: &'static str,
+    ) -> Result<R, UplinkError> {
+        let answer = self.get(path).await?;
+        serde_json::from_slice(&answer).map_err(|e| UplinkError::Body {
+            authority: self.url.authority(),
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    async fn exchange(
+        &self,
+        method: hyper::Method,
+        path: &'static str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, UplinkError> {
         let authority = self.url.authority();
         let secs = self.timeout.as_secs();
-        tokio::time::timeout(self.timeout, self.get_inner(path))
+        tokio::time::timeout(self.timeout, self.exchange_inner(method, path, body))
             .await
             .map_err(|_| UplinkError::Timeout { authority, secs })?
     }
 
-    async fn get_inner(&self, path: &'static str) -> Result<Bytes, UplinkError> {
+    async fn exchange_inner(
+        &self,
+        method: hyper::Method,
+        path: &'static str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, UplinkError> {
         let authority = self.url.authority();
         let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
             .await
@@ -213,13 +293,17 @@ impl FleetClient {
                 source,
             })?;
         let conn = tokio::spawn(conn);
-        let req = hyper::Request::get(path)
+        let mut req = hyper::Request::builder().method(method).uri(path);
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
             .header(hyper::header::HOST, &authority)
             .header(
                 hyper::header::USER_AGENT,
                 concat!("cairnd/", env!("CARGO_PKG_VERSION")),
             )
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| UplinkError::Body {
                 authority: authority.clone(),
                 path,
@@ -244,6 +328,15 @@ impl FleetClient {
             .to_bytes();
         conn.abort();
         if status != 200 {
+            if let Ok(e) = serde_json::from_slice::<FleetError>(&body) {
+                return Err(UplinkError::Refused {
+                    authority,
+                    path,
+                    status,
+                    code: e.code,
+                    message: e.message,
+                });
+            }
             return Err(UplinkError::Status {
                 authority,
                 path,

@@ -1,6 +1,6 @@
 //! The status in words, for people: what `cairnctl status` prints.
 
-use cairn_proto::control::{ComponentStatus, Status};
+use cairn_proto::control::{ComponentStatus, OnboardingStatus, Status};
 use std::fmt::Write;
 
 fn line<T>(out: &mut String, label: &str, c: &ComponentStatus<T>, ok: impl Fn(&T) -> String) {
@@ -19,11 +19,7 @@ pub fn render(s: &Status) -> String {
         "{:<11}cairnd {} (pid {}, up {} s)",
         "agent", s.agent.version, s.agent.pid, s.agent.uptime_secs
     );
-    let _ = writeln!(
-        out,
-        "{:<11}{} — {}",
-        "onboarding", s.onboarding.state, s.onboarding.detail
-    );
+    out.push_str(&onboarding(&s.onboarding));
     line(&mut out, "tpm", &s.tpm, |t| {
         let certs = if t.ek_certificates.is_empty() {
             "no EK certificate".to_owned()
@@ -87,6 +83,44 @@ pub fn render(s: &Status) -> String {
             f.round_trip_us as f64 / 1000.0
         )
     });
+    out
+}
+
+/// The onboarding lines: state and reason, then device and fleet, then what happens when.
+pub fn onboarding(o: &OnboardingStatus) -> String {
+    let mut out = String::new();
+    let code = o
+        .code
+        .as_deref()
+        .map(|c| format!(" [{c}]"))
+        .unwrap_or_default();
+    let _ = writeln!(out, "{:<11}{}{code} — {}", "onboarding", o.state, o.detail);
+    if let Some(id) = &o.device_id {
+        let _ = writeln!(out, "{:<11}  device {id}", "");
+    }
+    if let Some(url) = &o.fleet_url {
+        let source = o.fleet_source.as_deref().unwrap_or("configuration");
+        let _ = writeln!(out, "{:<11}  fleet {url} (from {source})", "");
+    }
+    let now = crate::status::now_unix();
+    let mut when = Vec::new();
+    if let Some(t) = o.last_trusted_unix {
+        when.push(format!("last trusted {} s ago", now.saturating_sub(t)));
+    }
+    if let Some(t) = o.next_attempt_unix {
+        let what = if o.state == "onboarded" {
+            "next attestation"
+        } else {
+            "next try"
+        };
+        when.push(format!("{what} in {} s", t.saturating_sub(now)));
+    }
+    if o.attempt > 0 {
+        when.push(format!("{} failed attempt(s) in a row", o.attempt));
+    }
+    if !when.is_empty() {
+        let _ = writeln!(out, "{:<11}  {}", "", when.join("; "));
+    }
     out
 }
 

@@ -20,7 +20,7 @@ fn board() -> StatusBoard {
         },
         OnboardingStatus {
             state: "unprovisioned".into(),
-            detail: String::new(),
+            ..OnboardingStatus::default()
         },
     );
     b.update(|s| {
@@ -50,7 +50,7 @@ async fn status_round_trip_and_bad_requests() {
     let listener = control::bind(&path).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "control socket must be owner-only");
-    let server = tokio::spawn(control::serve(listener, board()));
+    let server = tokio::spawn(control::serve(listener, board(), None));
 
     let p = path.clone();
     let (status, bad_json, bad_version, unknown) = tokio::task::spawn_blocking(move || {
@@ -91,7 +91,7 @@ async fn status_round_trip_and_bad_requests() {
 async fn oversized_request_is_refused_without_buffering_it_all() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.sock");
-    let server = tokio::spawn(control::serve(control::bind(&path).unwrap(), board()));
+    let server = tokio::spawn(control::serve(control::bind(&path).unwrap(), board(), None));
     let p = path.clone();
     let answer = tokio::task::spawn_blocking(move || {
         let big = "x".repeat(cairn_proto::control::MAX_LINE_BYTES + 10) + "\n";

@@ -9,8 +9,9 @@
 //! All state lives under one directory, described by `DIR/site.env`. The demo, the tests and people debugging
 //! use the same site (`just sim-up DIR`, `just sim-down DIR`).
 
+pub mod measured_boot;
 pub mod process;
 pub mod site;
 pub mod sysfs_tree;
 
-pub use site::{Site, SiteError, SiteOptions};
+pub use site::{Site, SiteError, SiteOptions, Trust};

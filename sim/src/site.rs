@@ -31,6 +31,8 @@ pub enum SiteError {
         secs: u64,
         log: PathBuf,
     },
+    #[error("the simulated boot failed: {0}")]
+    Boot(String),
     #[error("{path} is not a simulated site description: {reason}")]
     BadEnv { path: PathBuf, reason: String },
     #[error(
@@ -53,7 +55,30 @@ pub struct SiteOptions {
     pub tree: TreeProfile,
     /// cairnd's hardware poll interval; the simulated site polls fast so tests and the demo see changes soon.
     pub poll_interval_secs: u64,
+    /// Which EK the device's keys hang off.
+    pub ek_algorithm: cairn_tpm::EkAlgorithm,
+    /// What vouches for the TPM at enrolment.
+    pub trust: Trust,
+    /// The image version measured into PCR 4 by the simulated firmware boot.
+    pub image_version: String,
+    /// Seconds between re-attestations the fleet asks for.
+    pub reattest_secs: u64,
 }
+
+/// How the site's fleet learns to trust the site's TPM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// The swtpm EK certificate chains to the machine's swtpm-localca, given to the fleet as manufacturer CA.
+    EkCertificate,
+    /// The EK's name is on the fleet's allow-list (procurement list).
+    AllowList,
+    /// Nothing vouches: the device waits as pending until `cairn-fleet devices approve`.
+    Operator,
+}
+
+/// swtpm_setup's local CA on Debian: the "manufacturer" of every swtpm on this machine.
+pub const SWTPM_LOCALCA_ROOT: &str = "/var/lib/swtpm-localca/swtpm-localca-rootca-cert.pem";
+pub const SWTPM_LOCALCA_ISSUER: &str = "/var/lib/swtpm-localca/issuercert.pem";
 
 impl Default for SiteOptions {
     fn default() -> Self {
@@ -61,6 +86,10 @@ impl Default for SiteOptions {
             gpu_profile: "h100x8".into(),
             tree: TreeProfile::default(),
             poll_interval_secs: 1,
+            ek_algorithm: cairn_tpm::EkAlgorithm::Rsa2048,
+            trust: Trust::EkCertificate,
+            image_version: "0.1.0".into(),
+            reattest_secs: 30,
         }
     }
 }
@@ -231,6 +260,7 @@ impl Site {
         site.env.swtpm_pid = pid;
         site.env.tpm_tcti = tcti;
 
+        site.prepare_trust(opts, &sysroot)?;
         site.start_fleet_on("127.0.0.1:0")?;
 
         let metrics_port = free_port()?;
@@ -238,14 +268,17 @@ impl Site {
         let config = format!(
             "# cairnd configuration of the simulated site in {dir}\n\
              [agent]\ndata_dir = \"{data}\"\ncontrol_socket = \"{sock}\"\nlog_level = \"info\"\n\n\
-             [tpm]\ntcti = \"{tcti}\"\nprobe_interval_secs = 5\n\n\
-             [fleet]\nurl = \"{url}\"\nca_file = \"{ca}\"\ncheck_interval_secs = 1\ntimeout_secs = 3\n\n\
+             [tpm]\ntcti = \"{tcti}\"\nprobe_interval_secs = 5\nek_algorithm = \"{alg}\"\n\n\
+             [fleet]\nurl = \"{url}\"\nca_file = \"{ca}\"\ncheck_interval_secs = 1\ntimeout_secs = 3\n\
+             provisioning_paths = [\"{provision}\"]\ndiscover_srv = false\nretry_min_secs = 1\nretry_max_secs = 10\n\n\
              [hardware]\nsys_root = \"{sysroot}\"\nnvml_library = \"{nvml}\"\npoll_interval_secs = {poll}\n\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             dir = dir.display(),
             data = dir.join("agent/data").display(),
             sock = site.env.control_socket.display(),
             tcti = site.env.tpm_tcti,
+            alg = opts.ek_algorithm,
+            provision = dir.join("provision/cairn-provision.toml").display(),
             url = site.env.fleet_url,
             ca = dir.join("fleet/ca.pem").display(),
             sysroot = sysroot.display(),
@@ -278,26 +311,103 @@ impl Site {
         std::fs::write(&path, self.env.render()).map_err(io(&path))
     }
 
+    /// Boots the software TPM (PCRs and event log), writes the reference values an image build would emit
+    /// (PCRs 4 and 7: what the image controls; the firmware's PCRs are pinned at enrolment), and sets up what
+    /// vouches for the TPM.
+    fn prepare_trust(&self, opts: &SiteOptions, sysroot: &Path) -> Result<(), SiteError> {
+        let fleet = self.dir.join("fleet");
+        let stages = crate::measured_boot::default_boot(&opts.image_version);
+        let log = crate::measured_boot::boot(&self.env.tpm_tcti, &stages)
+            .map_err(|e| SiteError::Boot(cairn_agent::error_chain(&e)))?;
+        let log_path = sysroot.join("sys/kernel/security/tpm0/binary_bios_measurements");
+        if let Some(parent) = log_path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::write(&log_path, &log).map_err(io(&log_path))?;
+        let parsed =
+            cairn_proto::eventlog::parse(&log).map_err(|e| SiteError::Boot(e.to_string()))?;
+        let replayed = cairn_fleet::eventlog::replay_sha256(&parsed)
+            .map_err(|e| SiteError::Boot(e.to_string()))?;
+        let pcrs: serde_json::Map<String, serde_json::Value> = replayed
+            .iter()
+            .filter(|(i, _)| [4u8, 7].contains(i))
+            .map(|(i, v)| (i.to_string(), cairn_proto::fleet::to_hex(v).into()))
+            .collect();
+        let reference = serde_json::json!({
+            "version": 1,
+            "accepted": [{ "name": format!("cairn {}", opts.image_version), "sha256": pcrs }],
+        });
+        let path = fleet.join("reference.json");
+        std::fs::write(&path, reference.to_string()).map_err(io(&path))?;
+
+        let allow = fleet.join("allow-list");
+        let mut allow_text =
+            String::from("# EK names of TPMs this fleet enrols without an EK certificate\n");
+        match opts.trust {
+            Trust::EkCertificate => {
+                for (from, to) in [
+                    (SWTPM_LOCALCA_ROOT, "ek-ca.pem"),
+                    (SWTPM_LOCALCA_ISSUER, "ek-intermediate.pem"),
+                ] {
+                    std::fs::copy(from, fleet.join(to)).map_err(io(Path::new(from)))?;
+                }
+            }
+            Trust::AllowList => {
+                let tpm = cairn_tpm::Tpm::new(&self.env.tpm_tcti)
+                    .map_err(|e| SiteError::Boot(cairn_agent::error_chain(&e)))?;
+                let ek = tpm
+                    .ek_public(opts.ek_algorithm)
+                    .map_err(|e| SiteError::Boot(cairn_agent::error_chain(&e)))?;
+                let ek = cairn_fleet::ek::EkPublic::parse(&ek)
+                    .map_err(|e| SiteError::Boot(e.to_string()))?;
+                let _ = writeln!(allow_text, "{}", cairn_proto::fleet::to_hex(&ek.name()));
+            }
+            Trust::Operator => {}
+        }
+        std::fs::write(&allow, allow_text).map_err(io(&allow))?;
+        let reattest = fleet.join("reattest-secs");
+        std::fs::write(&reattest, opts.reattest_secs.to_string()).map_err(io(&reattest))
+    }
+
     fn start_fleet_on(&mut self, listen: &str) -> Result<(), SiteError> {
         let ready = self.dir.join("run/fleet.url");
         let _ = std::fs::remove_file(&ready);
         let log = self.dir.join("logs/fleet.log");
         let state = self.env.fleet_state.display().to_string();
         let ready_s = ready.display().to_string();
-        self.env.fleet_pid = spawn_logged(
-            &bin_dir().join("cairn-fleet"),
-            &[
-                "serve",
-                "--listen",
-                listen,
-                "--state",
-                &state,
-                "--ready-file",
-                &ready_s,
-            ],
-            &[],
-            &log,
-        )?;
+        let mut args: Vec<String> = [
+            "serve",
+            "--listen",
+            listen,
+            "--state",
+            &state,
+            "--ready-file",
+            &ready_s,
+            "--retry-after-secs",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // The policy lives in files beside the fleet's state, so a restarted fleet has the same one.
+        let fleet = &self.env.fleet_state;
+        for (flag, file) in [
+            ("--ek-ca", "ek-ca.pem"),
+            ("--ek-intermediate", "ek-intermediate.pem"),
+            ("--allow-list", "allow-list"),
+            ("--reference", "reference.json"),
+        ] {
+            if fleet.join(file).exists() {
+                args.push(flag.into());
+                args.push(fleet.join(file).display().to_string());
+            }
+        }
+        if let Ok(secs) = std::fs::read_to_string(fleet.join("reattest-secs")) {
+            args.push("--reattest-secs".into());
+            args.push(secs.trim().to_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.env.fleet_pid = spawn_logged(&bin_dir().join("cairn-fleet"), &args, &[], &log)?;
         let url = wait_for(START_TIMEOUT, || {
             std::fs::read_to_string(&ready)
                 .ok()
@@ -375,6 +485,34 @@ impl Site {
                 reason: format!("unexpected answer {other:?}"),
             }),
         }
+    }
+
+    /// Waits until onboarding reaches `state` (e.g. "onboarded"); returns the last status seen either way.
+    pub fn wait_onboarding(&self, state: &str, timeout: Duration) -> Option<Status> {
+        let mut last = None;
+        wait_for(timeout, || {
+            let s = self.status().ok()?;
+            let done = s.onboarding.state == state;
+            last = Some(s);
+            done.then_some(())
+        })?;
+        last
+    }
+
+    /// Runs `cairn-fleet devices --json` against the site's fleet state (through the server if it runs).
+    pub fn fleet_devices(&self) -> Result<serde_json::Value, SiteError> {
+        let out = std::process::Command::new(bin_dir().join("cairn-fleet"))
+            .args(["devices", "--json", "--state"])
+            .arg(&self.env.fleet_state)
+            .output()
+            .map_err(io(&bin_dir().join("cairn-fleet")))?;
+        serde_json::from_slice(&out.stdout).map_err(|e| SiteError::BadEnv {
+            path: self.env.fleet_state.clone(),
+            reason: format!(
+                "cairn-fleet devices answered {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        })
     }
 
     /// Replaces the fake GPUs' file (profile and faults); cairnd sees it at its next poll.

@@ -45,6 +45,12 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Ask the running agent to attest to the fleet now (enrolling first if needed) and print the verdict.
+    /// Exit code 0 when the fleet trusts the device, 1 otherwise.
+    Attest {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +58,59 @@ fn main() -> ExitCode {
     match &args.command {
         Cmd::Status { json } => status(args.config, args.socket, *json),
         Cmd::Quote { nonce, pcrs, out } => quote(args.config, nonce, pcrs, out),
+        Cmd::Attest { json } => attest(args.config, args.socket, *json),
+    }
+}
+
+fn socket_path(config_path: Option<PathBuf>, socket: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match socket {
+        Some(s) => Ok(s),
+        None => load_config(config_path).map(|c| c.agent.control_socket),
+    }
+}
+
+fn control_failure(e: ControlError) -> ExitCode {
+    eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
+    match e {
+        ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn attest(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let socket = match socket_path(config_path, socket) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // Enrolment runs several TPM commands and fleet round trips, each bounded by the fleet timeout.
+    match control::request(&socket, Command::Attest, Duration::from_secs(120)) {
+        Ok(Response::Attest(o)) => {
+            if json {
+                match serde_json::to_string_pretty(&o) {
+                    Ok(t) => println!("{t}"),
+                    Err(e) => {
+                        eprintln!("cairnctl: cannot print the outcome: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", view::onboarding(&o));
+            }
+            if o.state == "onboarded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("cairnctl: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(other) => {
+            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => control_failure(e),
     }
 }
 
@@ -65,12 +124,9 @@ fn load_config(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
 }
 
 fn status(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
-    let socket = match socket {
-        Some(s) => s,
-        None => match load_config(config_path) {
-            Ok(c) => c.agent.control_socket,
-            Err(code) => return code,
-        },
+    let socket = match socket_path(config_path, socket) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     match control::request(&socket, Command::Status, Duration::from_secs(10)) {
         Ok(Response::Status(status)) => {
@@ -91,13 +147,7 @@ fn status(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> 
             eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
             ExitCode::FAILURE
         }
-        Err(e) => {
-            eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
-            match e {
-                ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
-                _ => ExitCode::FAILURE,
-            }
-        }
+        Err(e) => control_failure(e),
     }
 }
 
@@ -110,7 +160,10 @@ fn quote(config_path: Option<PathBuf>, nonce: &str, pcrs: &str, out: &std::path:
         let nonce = attestation::parse_nonce(nonce)?;
         let pcrs = attestation::parse_pcrs(pcrs)?;
         let tpm = cairn_tpm::Tpm::new(&config.tpm.tcti)?;
-        attestation::quote_to_dir(&tpm, &config.agent.data_dir, &nonce, &pcrs, out)
+        let alg = config
+            .ek_algorithm()
+            .map_err(attestation::AttestationError::Config)?;
+        attestation::quote_to_dir(&tpm, &config.agent.data_dir, alg, &nonce, &pcrs, out)
     })();
     match result {
         Ok(_) => {

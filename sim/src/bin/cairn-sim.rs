@@ -1,7 +1,7 @@
 //! cairn-sim: start, stop and poke a simulated site (see the `cairn_sim` crate docs).
 //! `just sim-up DIR` and `just sim-down DIR` call this.
 
-use cairn_sim::{Site, SiteOptions};
+use cairn_sim::{Site, SiteOptions, Trust};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +26,13 @@ enum Cmd {
         /// Number of fake NVMe drives.
         #[arg(long, default_value_t = 8)]
         nvme: usize,
+        /// EK the device uses: rsa2048 or ecc-p256.
+        #[arg(long, default_value = "rsa2048")]
+        ek: cairn_tpm::EkAlgorithm,
+        /// What vouches for the TPM: ek-cert (swtpm's local CA as manufacturer), allow-list, or operator
+        /// (pending until `cairn-fleet devices approve`).
+        #[arg(long, default_value = "ek-cert", value_parser = ["ek-cert", "allow-list", "operator"])]
+        trust: String,
     },
     /// Stop everything `up` started in DIR.
     Down { dir: PathBuf },
@@ -37,9 +44,21 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let result = match Args::parse().command {
-        Cmd::Up { dir, gpus, nvme } => {
+        Cmd::Up {
+            dir,
+            gpus,
+            nvme,
+            ek,
+            trust,
+        } => {
             let mut opts = SiteOptions {
                 gpu_profile: gpus,
+                ek_algorithm: ek,
+                trust: match trust.as_str() {
+                    "allow-list" => Trust::AllowList,
+                    "operator" => Trust::Operator,
+                    _ => Trust::EkCertificate,
+                },
                 ..SiteOptions::default()
             };
             opts.tree.nvme_drives = nvme;
