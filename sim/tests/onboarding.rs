@@ -103,6 +103,12 @@ fn ek_certificate_device_onboards_and_resumes_after_restarts_without_re_enrollin
     site.stop_fleet();
     // With the server down, the admin command reads the store itself.
     assert_eq!(the_device(&site)["state"], "onboarded");
+    // The device cannot reach it: it says so and schedules a retry, keeping its certificate.
+    let (ok, out) = cairnctl(&site, &["attest"]);
+    assert!(
+        !ok && out.contains("retrying") && out.contains("next try"),
+        "{out}"
+    );
     site.start_fleet().unwrap();
     let (ok, out) = cairnctl(&site, &["attest"]);
     assert!(ok, "{out}");
@@ -158,6 +164,13 @@ fn unknown_tpm_waits_for_approval_then_onboards() {
         .unwrap_or_else(|| panic!("not pending: {:?}", site.status()));
     let id = s.onboarding.device_id.unwrap();
     assert_eq!(the_device(&site)["state"], "pending");
+    // A restart while waiting resumes waiting, as the same device.
+    let mut site = site;
+    site.stop_cairnd();
+    site.start_cairnd().unwrap();
+    let s = site.status().unwrap();
+    assert_eq!(s.onboarding.state, "awaiting_approval");
+    assert_eq!(s.onboarding.device_id.as_deref(), Some(id.as_str()));
     let (ok, out) = fleet(&site, &["devices", "approve", &id]);
     assert!(ok, "{out}");
     let (ok, out) = cairnctl(&site, &["attest"]);

@@ -40,19 +40,18 @@ fn checkquote(dir: &Path, nonce_hex: &str) -> (bool, String) {
     )
 }
 
-#[test]
-fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not() {
+fn quote_checks_with_tpm2_checkquote(alg: EkAlgorithm) {
     let tmp = tempfile::tempdir().unwrap();
     let sw = Swtpm::start(&tmp.path().join("tpm")).unwrap();
     let tpm = Tpm::new(sw.tcti()).unwrap();
-    let ak = tpm.create_ak(EkAlgorithm::Rsa2048).unwrap();
+    let ak = tpm.create_ak(alg).unwrap();
     let nonce = [
         0x5au8, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
         0xff,
     ];
     let nonce_hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
     let q = tpm
-        .quote(EkAlgorithm::Rsa2048, &ak, &nonce, &[0, 1, 2, 3, 4, 5, 6, 7])
+        .quote(alg, &ak, &nonce, &[0, 1, 2, 3, 4, 5, 6, 7])
         .unwrap();
     assert_eq!(q.pcrs.len(), 668, "tpm2-tools layout for 8 PCRs");
     let out = tmp.path().join("q");
@@ -89,13 +88,10 @@ fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not() {
     // The AK of another TPM does not verify this quote.
     let other_tmp = tempfile::tempdir().unwrap();
     let other = Swtpm::start(other_tmp.path()).unwrap();
-    let other_ak = Tpm::new(other.tcti())
-        .unwrap()
-        .create_ak(EkAlgorithm::Rsa2048)
-        .unwrap();
+    let other_ak = Tpm::new(other.tcti()).unwrap().create_ak(alg).unwrap();
     let other_q = Tpm::new(other.tcti())
         .unwrap()
-        .quote(EkAlgorithm::Rsa2048, &other_ak, &nonce, &[0])
+        .quote(alg, &other_ak, &nonce, &[0])
         .unwrap();
     std::fs::write(out.join("ak.pub"), &other_q.ak_public).unwrap();
     assert!(
@@ -106,8 +102,18 @@ fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not() {
     // An AK blob cannot be loaded by a TPM that did not create it.
     assert!(Tpm::new(other.tcti())
         .unwrap()
-        .quote(EkAlgorithm::Rsa2048, &ak, &nonce, &[0])
+        .quote(alg, &ak, &nonce, &[0])
         .is_err());
+}
+
+#[test]
+fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not_rsa_ek() {
+    quote_checks_with_tpm2_checkquote(EkAlgorithm::Rsa2048);
+}
+
+#[test]
+fn quote_verifies_with_tpm2_checkquote_and_tampering_does_not_ecc_ek() {
+    quote_checks_with_tpm2_checkquote(EkAlgorithm::EccP256);
 }
 
 #[test]
@@ -143,6 +149,52 @@ fn ak_persists_across_tpm_restarts_and_handles_are_flushed() {
     assert!(
         String::from_utf8_lossy(&out.stdout).trim().is_empty(),
         "transient handles left: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn certify_sign_and_failed_activation_leave_no_handles_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sw = Swtpm::start(&tmp.path().join("tpm")).unwrap();
+    let tpm = Tpm::new(sw.tcti()).unwrap();
+    for alg in [EkAlgorithm::Rsa2048, EkAlgorithm::EccP256] {
+        let ak = tpm.create_ak(alg).unwrap();
+        let key = tpm.create_signing_key(alg).unwrap();
+        // More rounds than swtpm has transient slots: a leak would fail the later ones.
+        for i in 0..5u8 {
+            let c = tpm.certify(alg, &ak, &key, &[i; 16]).unwrap();
+            assert!(!c.message.is_empty() && !c.signature.is_empty());
+            let (r, s) = tpm.sign_digest(alg, &key, &[i; 32]).unwrap();
+            assert_ne!(r, [0; 32]);
+            assert_ne!(s, [0; 32]);
+            // Garbage the TPM refuses: the error path must flush too.
+            assert!(tpm
+                .activate_credential(alg, &ak, &[0; 50], &[1; 256])
+                .is_err());
+        }
+        // The EK certificate: swtpm carries one for RSA-2048 only.
+        let cert = tpm.ek_certificate(alg).unwrap();
+        assert_eq!(cert.is_some(), alg == EkAlgorithm::Rsa2048, "{alg}");
+    }
+    let out = Command::new("tpm2_getcap")
+        .args(["handles-transient"])
+        .env("TPM2TOOLS_TCTI", sw.tcti())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "transient handles left: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new("tpm2_getcap")
+        .args(["handles-loaded-session"])
+        .env("TPM2TOOLS_TCTI", sw.tcti())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "sessions left: {}",
         String::from_utf8_lossy(&out.stdout)
     );
 }
