@@ -39,6 +39,10 @@ enum Failure {
     Pending { message: String, retry_after: u64 },
     /// Something on our side or the way there (network, TPM, files).
     Error(String),
+    /// The TLS handshake failed (an expired or foreign client certificate looks like this).
+    Tls(String),
+    /// Nothing names a fleet: no provisioning file, no DNS SRV record, no configured URL.
+    Unprovisioned(String),
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -356,10 +360,29 @@ impl Onboarding {
                 message,
                 retry_after,
             }) => {
+                let delay = backoff(
+                    self.status.attempt,
+                    f.retry_min_secs,
+                    f.retry_max_secs,
+                    jitter_unit(),
+                )
+                .max(retry_after.min(f.retry_max_secs));
                 self.status.code = Some("pending_approval".into());
-                self.status.next_attempt_unix = Some(now + retry_after.max(f.retry_min_secs));
+                self.status.next_attempt_unix = Some(now + delay);
                 self.status.attempt = self.status.attempt.saturating_add(1);
                 self.set("awaiting_approval", message);
+            }
+            Err(Failure::Unprovisioned(reason)) => {
+                let delay = backoff(
+                    self.status.attempt,
+                    f.retry_min_secs,
+                    f.retry_max_secs,
+                    jitter_unit(),
+                );
+                self.status.attempt = self.status.attempt.saturating_add(1);
+                self.status.next_attempt_unix = Some(now + delay);
+                self.status.code = None;
+                self.set("unprovisioned", reason);
             }
             Err(Failure::Refused {
                 code,
@@ -378,7 +401,7 @@ impl Onboarding {
                 self.status.code = Some(code);
                 self.set("refused", message);
             }
-            Err(Failure::Error(reason)) => {
+            Err(Failure::Error(reason) | Failure::Tls(reason)) => {
                 let delay = backoff(
                     self.status.attempt,
                     f.retry_min_secs,
@@ -401,12 +424,8 @@ impl Onboarding {
             .await
             .map_err(Failure::Error)?;
         let Some(found) = found else {
-            self.set(
-                "unprovisioned",
-                "no fleet is named: no provisioning file, no DNS SRV record, and fleet.url is empty",
-            );
-            return Err(Failure::Error(
-                "no fleet is named: insert the provisioning USB stick or set fleet.url".into(),
+            return Err(Failure::Unprovisioned(
+                "no fleet is named: no provisioning file, no DNS SRV record, and fleet.url is empty; insert the provisioning USB stick or set fleet.url".into(),
             ));
         };
         if self.status.fleet_url.as_deref() != Some(found.url.as_str()) {
@@ -428,6 +447,11 @@ impl Onboarding {
                 {
                     tracing::info!(%code, "the fleet no longer honours our certificate; enrolling again");
                     let _ = std::fs::remove_file(&cert_path);
+                }
+                // A handshake the fleet refuses (an expired or foreign certificate) never reaches a route
+                // that could say so: enrol again, keeping the certificate until a new one arrives.
+                Err(Failure::Tls(reason)) => {
+                    tracing::info!(%reason, "mTLS with the fleet failed; enrolling again");
                 }
                 other => return other,
             }
@@ -453,7 +477,10 @@ impl Onboarding {
         let challenge: Challenge = client
             .post_json(CHALLENGE_PATH, &serde_json::json!({}))
             .await
-            .map_err(uplink_failure)?;
+            .map_err(|e| match e {
+                UplinkError::Tls { .. } => Failure::Tls(chain(&e)),
+                other => uplink_failure(other),
+            })?;
         let device = self.device.clone();
         let nonce = challenge.nonce.0.clone();
         let evidence = blocking(move || device.evidence(&nonce))
@@ -469,7 +496,26 @@ impl Onboarding {
             )
             .await
             .map_err(uplink_failure)?;
+        self.store_certificate(&verdict)?;
         verdict_outcome(verdict)
+    }
+
+    /// Keeps a certificate the fleet sent (first one, or a renewal).
+    fn store_certificate(&self, verdict: &Verdict) -> Result<(), Failure> {
+        if let Verdict::Trusted {
+            certificate_pem: Some(pem),
+            ..
+        } = verdict
+        {
+            let path = self.device.cert_path();
+            write_atomic(&path, pem.as_bytes()).map_err(|e| {
+                Failure::Error(format!(
+                    "cannot store the device certificate at {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     async fn enroll(&mut self, url: &str, ca: &Path, timeout: Duration) -> Result<u64, Failure> {
@@ -527,25 +573,15 @@ impl Onboarding {
             .post_json(ACTIVATE_PATH, &req)
             .await
             .map_err(uplink_failure)?;
-        if let Verdict::Trusted {
-            certificate_pem: Some(pem),
-            ..
-        } = &verdict
-        {
-            let path = self.device.cert_path();
-            write_atomic(&path, pem.as_bytes()).map_err(|e| {
-                Failure::Error(format!(
-                    "cannot store the device certificate at {}: {e}",
-                    path.display()
-                ))
-            })?;
-        }
+        self.store_certificate(&verdict)?;
         verdict_outcome(verdict)
     }
 }
 
 fn uplink_failure(e: UplinkError) -> Failure {
     match e {
+        // A fleet that fails inside (5xx) has not judged the device: try again later, not "refused".
+        UplinkError::Refused { status, .. } if status >= 500 => Failure::Error(chain(&e)),
         UplinkError::Refused { code, message, .. } => Failure::Refused {
             code,
             message,

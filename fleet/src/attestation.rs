@@ -69,8 +69,12 @@ pub enum BadRequest {
     Internal(String),
 }
 
+/// Challenges a device may have open at once; older ones are dropped (each request is single-use anyway).
+const OUTSTANDING_PER_DEVICE: usize = 4;
+
 struct Outstanding {
     device_id: String,
+    issued: Instant,
     nonce: Vec<u8>,
     expires: Instant,
     /// For enrolment challenges: the AK the credential was made for, and the credential itself.
@@ -168,6 +172,18 @@ impl Attestor {
         // Expired challenges are dropped here, so the table stays small without a timer.
         let now = Instant::now();
         self.outstanding.retain(|_, c| c.expires > now);
+        let mut mine: Vec<(Instant, String)> = self
+            .outstanding
+            .iter()
+            .filter(|(_, c)| c.device_id == device_id)
+            .map(|(id, c)| (c.issued, id.clone()))
+            .collect();
+        if mine.len() >= OUTSTANDING_PER_DEVICE {
+            mine.sort();
+            for (_, id) in &mine[..=mine.len() - OUTSTANDING_PER_DEVICE] {
+                self.outstanding.remove(id);
+            }
+        }
         let id = cairn_proto::fleet::to_hex(&self.random::<16>()?);
         let nonce = self.random::<32>()?.to_vec();
         let (credential, activation) = match activation {
@@ -191,6 +207,7 @@ impl Attestor {
             id.clone(),
             Outstanding {
                 device_id: device_id.to_owned(),
+                issued: now,
                 nonce: nonce.clone(),
                 expires: now + self.policy.nonce_ttl,
                 activation,
@@ -271,13 +288,18 @@ impl Attestor {
                 device_key: None,
                 telemetry_key: None,
                 cert_serial: None,
+                cert_not_after_unix: None,
                 first_seen_unix: now,
                 last_seen_unix: now,
                 last_trusted_unix: None,
             });
         rec.last_seen_unix = now;
-        rec.hostname.clone_from(&req.hostname);
-        rec.agent_version.clone_from(&req.agent_version);
+        // Anyone can call enroll with a known EK: what it claims is recorded only for devices not yet
+        // onboarded, and replaced by what an activated device says.
+        if rec.state != DeviceState::Onboarded {
+            rec.hostname.clone_from(&req.hostname);
+            rec.agent_version.clone_from(&req.agent_version);
+        }
 
         if rec.vouched_by.is_none() {
             let cert_result = req.ek_certificate.as_ref().map(|cert| {
@@ -317,20 +339,20 @@ impl Attestor {
             }
         }
 
+        if rec.state != DeviceState::Onboarded {
+            rec.state = DeviceState::Enrolling;
+        }
         // The AK's shape is checked before anything is sealed to it.
         if let Err(e) = quote::check_ak(&req.ak_public.0) {
             let r = Refusal::from(e);
-            let demote = rec.state != DeviceState::Onboarded;
-            self.refuse(&device_id, &r, demote)?;
+            // Not proven to come from the device (its EK is public): recorded, state kept.
+            self.refuse(&device_id, &r, false)?;
             return Ok(EnrollResponse::Refused {
                 device_id,
                 code: r.code,
                 message: r.message,
                 retry_after_secs,
             });
-        }
-        if rec.state != DeviceState::Onboarded {
-            rec.state = DeviceState::Enrolling;
         }
         self.store.save()?;
         let challenge = self.new_challenge(&device_id, Some((&ek, req.ak_public.0.clone())))?;
@@ -377,7 +399,7 @@ impl Attestor {
         for p in &evidence.pcrs {
             let v: [u8; 32] = p.sha256.0.clone().try_into().map_err(|_| {
                 Refusal::new(
-                    "malformed",
+                    "evidence_malformed",
                     format!("PCR {} is not a SHA-256 value", p.index),
                 )
             })?;
@@ -477,7 +499,7 @@ impl Attestor {
         if !changed.is_empty() {
             return Err(Refusal::new(
                 "pcr_changed",
-                format!("PCRs {changed:?} differ from their values at enrolment; the boot chain changed"),
+                format!("PCRs {changed:?} differ from the values this device first attested; the boot chain changed"),
             ));
         }
         let pins = pins
@@ -562,6 +584,7 @@ impl Attestor {
             rec.device_key = Some(Hex(device_key.point));
             rec.telemetry_key = Some(Hex(telemetry_key.point));
             rec.cert_serial = Some(Hex(issued.serial));
+            rec.cert_not_after_unix = Some(issued.not_after_unix);
             rec.pinned_pcrs = checked.pins;
             rec.last_quote = Some(checked.counters);
             rec.last_seen_unix = now;
@@ -622,6 +645,14 @@ impl Attestor {
                 return Ok(self.refused_verdict(device_id, r));
             }
         };
+        if challenge.activation.is_some() {
+            let r = Refusal::new(
+                "nonce_unknown",
+                "the challenge was issued for activation, not re-attestation",
+            );
+            self.refuse(device_id, &r, false)?;
+            return Ok(self.refused_verdict(device_id, r));
+        }
         let Some(ak_public) = rec.ak_public.clone() else {
             return Err(BadRequest::Malformed(format!(
                 "device {device_id} has no activated attestation key; enrol first"
@@ -630,17 +661,38 @@ impl Attestor {
         match self.check_evidence(&rec, &ak_public.0, &challenge.nonce, &req.evidence) {
             Ok(checked) => {
                 let now = now_unix();
+                // Past half its life, the certificate is renewed here, so a device that keeps attesting never
+                // meets an expired certificate (the handshake would fail before any route could say so).
+                let half_life = u64::from(self.policy.cert_validity_days) * 86_400 / 2;
+                let renew = rec.cert_not_after_unix.is_none_or(|t| now + half_life >= t);
+                let renewed = match (&rec.device_key, renew) {
+                    (Some(point), true) => Some(
+                        self.pki
+                            .issue_device_cert(
+                                device_id,
+                                &point.0,
+                                self.random::<16>()?,
+                                self.policy.cert_validity_days,
+                            )
+                            .map_err(|e| BadRequest::Internal(e.to_string()))?,
+                    ),
+                    _ => None,
+                };
                 if let Some(rec) = self.store.devices.get_mut(device_id) {
                     rec.state = DeviceState::Onboarded;
                     rec.pinned_pcrs = checked.pins;
                     rec.last_quote = Some(checked.counters);
                     rec.last_seen_unix = now;
                     rec.last_trusted_unix = Some(now);
+                    if let Some(cert) = &renewed {
+                        rec.cert_serial = Some(Hex(cert.serial.clone()));
+                        rec.cert_not_after_unix = Some(cert.not_after_unix);
+                    }
                 }
                 self.store.save()?;
                 Ok(Verdict::Trusted {
                     device_id: device_id.to_owned(),
-                    certificate_pem: None,
+                    certificate_pem: renewed.map(|c| c.pem),
                     reattest_after_secs: self.policy.reattest_after.as_secs(),
                 })
             }

@@ -186,7 +186,7 @@ fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) ->
     match resp {
         AdminResponse::Devices { devices } => {
             println!(
-                "{:<16} {:<10} {:<9} {:<14} LAST REASON",
+                "{:<68} {:<10} {:<9} {:<14} LAST REASON",
                 "DEVICE", "STATE", "EK", "VOUCHED BY"
             );
             for d in devices {
@@ -195,8 +195,8 @@ fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) ->
                     .map(|r| format!("{}: {}", r.code, r.message))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<16} {:<10} {:<9} {:<14} {reason}",
-                    d.id.get(4..16).unwrap_or(&d.id),
+                    "{:<68} {:<10} {:<9} {:<14} {reason}",
+                    d.id,
                     d.state.as_str(),
                     d.ek_algorithm,
                     d.vouched_by.unwrap_or_else(|| "-".into()),

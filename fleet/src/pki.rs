@@ -52,6 +52,7 @@ pub struct IssuedCert {
     pub pem: String,
     /// The DER INTEGER contents, as webpki reports them for a presented certificate.
     pub serial: Vec<u8>,
+    pub not_after_unix: u64,
 }
 
 /// A TPM-resident P-256 public key for rcgen, which signs certificates for keys it does not hold.
@@ -92,13 +93,15 @@ impl ServerIdentity {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(i64::from(validity_days));
+        let not_after = now + time::Duration::days(i64::from(validity_days));
+        params.not_after = not_after;
         let cert = params
             .signed_by(&TpmPublicKey(point), &self.issuer)
             .map_err(gen)?;
         Ok(IssuedCert {
             pem: cert.pem(),
             serial,
+            not_after_unix: u64::try_from(not_after.unix_timestamp()).unwrap_or(0),
         })
     }
 }

@@ -39,6 +39,8 @@ pub enum QuoteRefusal {
     BadSignature,
     #[error("the signed structure is not a TPM-generated quote")]
     NotAQuote,
+    #[error("the signed structure is not a TPM-generated key certification")]
+    NotACertification,
     #[error("the quote carries another nonce than the one the fleet issued")]
     WrongNonce,
     #[error("the quote covers PCRs {quoted:?} but values were sent for {sent:?}")]
@@ -55,11 +57,12 @@ impl QuoteRefusal {
     /// A stable machine-readable code (for the fleet's records and the protocol's error bodies).
     pub fn code(&self) -> &'static str {
         match self {
-            QuoteRefusal::Malformed { .. } => "malformed",
+            QuoteRefusal::Malformed { .. } => "evidence_malformed",
             QuoteRefusal::AkAttribute(_) => "ak_attributes",
             QuoteRefusal::AkAlgorithm { .. } => "ak_algorithm",
             QuoteRefusal::BadSignature => "bad_signature",
             QuoteRefusal::NotAQuote => "not_a_quote",
+            QuoteRefusal::NotACertification => "not_a_certification",
             QuoteRefusal::WrongNonce => "wrong_nonce",
             QuoteRefusal::PcrSelection { .. } => "pcr_selection",
             QuoteRefusal::PcrDigest => "pcr_digest",
@@ -198,7 +201,9 @@ fn ak_key(ak_public: &[u8]) -> Result<(Vec<u8>, Vec<u8>), QuoteRefusal> {
 /// Checks that `ak_public` (TPM2B_PUBLIC) is an AK this fleet accepts: a restricted RSASSA/SHA-256 signing key
 /// that never left its TPM.
 pub fn check_ak(ak_public: &[u8]) -> Result<(), QuoteRefusal> {
-    ak_key(ak_public).map(|_| ())
+    ak_key(ak_public)?;
+    // MakeCredential binds to the AK's name, which must be a SHA-256 name.
+    tpm_name(ak_public).map(|_| ())
 }
 
 /// The TPM Name of a key given as TPM2B_PUBLIC: its name algorithm (SHA-256) and the digest of TPMT_PUBLIC.
@@ -269,10 +274,7 @@ pub fn verify_certify(
     )?;
     let mut m = Reader::new("certification (TPMS_ATTEST)", message);
     if m.u32()? != TPM_GENERATED_VALUE || m.u16()? != TPM_ST_ATTEST_CERTIFY {
-        return Err(QuoteRefusal::Malformed {
-            what: "certification",
-            detail: "not a TPM-generated certify structure".into(),
-        });
+        return Err(QuoteRefusal::NotACertification);
     }
     let _signer = m.sized()?;
     if m.sized()? != nonce {
@@ -424,7 +426,7 @@ mod tests {
     fn truncated_and_garbage_inputs_are_malformed_never_a_panic() {
         for ak in [&[][..], &[0, 5, 1], &[0xff; 3]] {
             let err = verify(ak, b"", b"", b"", &[]).unwrap_err();
-            assert_eq!(err.code(), "malformed", "{err}");
+            assert_eq!(err.code(), "evidence_malformed", "{err}");
         }
     }
 }

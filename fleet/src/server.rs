@@ -257,7 +257,7 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
         .map_err(|e| {
             Box::new(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "malformed",
+                "too_large",
                 format!("the request body could not be read: {e}"),
             ))
         })?

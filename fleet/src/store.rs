@@ -103,6 +103,9 @@ pub struct DeviceRecord {
     pub telemetry_key: Option<Hex>,
     /// Serial of the one device certificate honoured now.
     pub cert_serial: Option<Hex>,
+    /// When that certificate expires; it is renewed at a re-attestation past half its life.
+    #[serde(default)]
+    pub cert_not_after_unix: Option<u64>,
     pub first_seen_unix: u64,
     pub last_seen_unix: u64,
     pub last_trusted_unix: Option<u64>,
@@ -229,6 +232,7 @@ mod tests {
             device_key: None,
             telemetry_key: None,
             cert_serial: None,
+            cert_not_after_unix: None,
             first_seen_unix: 1,
             last_seen_unix: 2,
             last_trusted_unix: None,

@@ -479,9 +479,10 @@ fn ak_without_the_restricted_attribute_is_refused() {
     };
     assert_eq!(code, "ak_attributes");
     assert!(message.contains("restricted"), "{message}");
+    // The EK is public, so this request proves nothing about the device: recorded, state not demoted.
     assert_eq!(
         fleet.state(&device_id),
-        (DeviceState::Refused, Some("ak_attributes".into()))
+        (DeviceState::Enrolling, Some("ak_attributes".into()))
     );
 }
 
@@ -592,4 +593,80 @@ fn clock_going_backwards_is_refused() {
     std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
     fleet.restart();
     assert_eq!(refused_code(&fleet.reattest(&id, &dev)), "clock_regressed");
+}
+
+#[test]
+fn certificate_is_renewed_past_half_life_and_enrolment_challenges_do_not_attest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::new(tmp.path(), EkAlgorithm::Rsa2048);
+    let mut fleet = Fleet::new(allow(&dev));
+    let (id, v) = fleet.onboard(&dev);
+    assert_trusted(&v);
+    let serial = |fleet: &mut Fleet| {
+        fleet
+            .a()
+            .devices()
+            .find(|d| d.id == id)
+            .unwrap()
+            .cert_serial
+            .clone()
+            .unwrap()
+    };
+    let first = serial(&mut fleet);
+    // A fresh certificate is not renewed.
+    let Verdict::Trusted {
+        certificate_pem, ..
+    } = fleet.reattest(&id, &dev)
+    else {
+        panic!()
+    };
+    assert!(certificate_pem.is_none());
+    assert_eq!(serial(&mut fleet), first);
+
+    // One about to expire is: the next trusted verdict carries a new one, and only it is honoured.
+    fleet.attestor = None;
+    let path = fleet.dir.path().join(store::DEVICES_FILE);
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    doc["devices"][0]["cert_not_after_unix"] = serde_json::json!(soon);
+    std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
+    fleet.restart();
+    let Verdict::Trusted {
+        certificate_pem: Some(pem),
+        ..
+    } = fleet.reattest(&id, &dev)
+    else {
+        panic!("not renewed")
+    };
+    assert!(pem.contains("BEGIN CERTIFICATE"));
+    let second = serial(&mut fleet);
+    assert_ne!(second, first);
+    assert_eq!(
+        fleet.a().device_for_serial(&first.0).unwrap_err().code,
+        "certificate_not_honoured"
+    );
+    assert_eq!(fleet.a().device_for_serial(&second.0).unwrap(), id);
+
+    // An enrolment challenge (with a credential) cannot be answered on the re-attestation route.
+    let EnrollResponse::Challenge { challenge, .. } =
+        fleet.a().enroll(&dev.enroll_request()).unwrap()
+    else {
+        panic!()
+    };
+    let v = fleet
+        .a()
+        .attest(
+            &id,
+            &AttestRequest {
+                challenge_id: challenge.id.clone(),
+                evidence: dev.evidence(&challenge.nonce.0),
+            },
+        )
+        .unwrap();
+    assert_eq!(refused_code(&v), "nonce_unknown");
 }

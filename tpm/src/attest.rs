@@ -390,6 +390,9 @@ impl Tpm {
             let selection = PcrSelectionList::builder()
                 .with_selection(HashingAlgorithm::Sha256, &slots)
                 .build()?;
+            let mut sorted: Vec<u8> = pcrs.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
             let ak = load_under_ek(ctx, alg, ak_blob)?;
             let mut quote_and_read = || -> tss_esapi::Result<_> {
                 let quoted = ctx.execute_with_nullauth_session(|ctx| {
@@ -401,23 +404,38 @@ impl Tpm {
                     )
                 })?;
                 // Read right after quoting; a PCR extended in between makes the check fail, never pass wrongly.
-                Ok((quoted, ctx.pcr_read(selection.clone())?))
+                // TPM2_PCR_Read returns at most 8 digests per call, so larger selections are read in chunks.
+                let mut digests = Vec::with_capacity(sorted.len());
+                for chunk in sorted.chunks(8) {
+                    let slots = chunk
+                        .iter()
+                        .map(|&i| PcrSlot::try_from(1u32 << i))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let part = PcrSelectionList::builder()
+                        .with_selection(HashingAlgorithm::Sha256, &slots)
+                        .build()?;
+                    let (_, _, read) = ctx.pcr_read(part)?;
+                    digests.extend(read.value().iter().cloned());
+                }
+                Ok((quoted, digests))
             };
             let result = quote_and_read();
             ctx.flush_context(ak.into())?;
-            let ((attest, signature), (_, read_selection, digests)) = result?;
-            let mut sorted: Vec<u8> = pcrs.to_vec();
-            sorted.sort_unstable();
-            sorted.dedup();
+            let ((attest, signature), digests) = result?;
+            if digests.len() != sorted.len() {
+                return Err(tss_esapi::Error::WrapperError(
+                    tss_esapi::WrapperErrorKind::WrongValueFromTpm,
+                ));
+            }
             let pcr_values = sorted
                 .iter()
                 .copied()
-                .zip(digests.value().iter().map(|d| d.value().to_vec()))
+                .zip(digests.iter().map(|d| d.value().to_vec()))
                 .collect();
             Ok(QuoteFiles {
                 message: attest.marshall()?,
                 signature: signature.marshall()?,
-                pcrs: tpm2_tools_pcrs(read_selection, digests.value()),
+                pcrs: tpm2_tools_pcrs(selection, &digests),
                 ak_public: PublicBuffer::try_from(public)?.marshall()?,
                 pcr_values,
             })

@@ -198,3 +198,50 @@ fn certify_sign_and_failed_activation_leave_no_handles_behind() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn more_than_eight_pcrs_are_read_in_chunks_and_still_check() {
+    // TPM2_PCR_Read returns at most 8 digests: a quote over 11 PCRs needs two reads.
+    let tmp = tempfile::tempdir().unwrap();
+    let sw = Swtpm::start(&tmp.path().join("tpm")).unwrap();
+    let tpm = Tpm::new(sw.tcti()).unwrap();
+    let ak = tpm.create_ak(EkAlgorithm::Rsa2048).unwrap();
+    let pcrs = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11];
+    let q = tpm
+        .quote(EkAlgorithm::Rsa2048, &ak, &[7; 16], &pcrs)
+        .unwrap();
+    assert_eq!(q.pcr_values.len(), pcrs.len());
+    let out = tmp.path().join("q");
+    std::fs::create_dir(&out).unwrap();
+    write(&out, &q);
+    let (ok, err) = checkquote(&out, &"07".repeat(16));
+    assert!(ok, "tpm2_checkquote refused an 11-PCR quote: {err}");
+    let values: Vec<(u8, [u8; 32])> = q
+        .pcr_values
+        .iter()
+        .map(|(i, v)| (*i, v.as_slice().try_into().unwrap()))
+        .collect();
+    cairn_fleet_free_check(&q, &values);
+}
+
+/// The quote's own PCR digest over the values read must match (what the fleet recomputes).
+fn cairn_fleet_free_check(q: &QuoteFiles, values: &[(u8, [u8; 32])]) {
+    // TPMS_ATTEST ends with TPM2B_DIGEST pcrDigest: the last 32 bytes for SHA-256.
+    let digest = &q.message[q.message.len() - 32..];
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            let mut stdin = c.stdin.take().unwrap();
+            for (_, v) in values {
+                stdin.write_all(v).unwrap();
+            }
+            drop(stdin);
+            c.wait_with_output()
+        })
+        .unwrap();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&hex));
+}
