@@ -478,7 +478,9 @@ impl Onboarding {
             .post_json(CHALLENGE_PATH, &serde_json::json!({}))
             .await
             .map_err(|e| match e {
-                UplinkError::Tls { .. } => Failure::Tls(chain(&e)),
+                // Under TLS 1.3 the client finishes its handshake before the server checks the client
+                // certificate, so a refused (e.g. expired) certificate surfaces as a failed HTTP exchange.
+                UplinkError::Tls { .. } | UplinkError::Http { .. } => Failure::Tls(chain(&e)),
                 other => uplink_failure(other),
             })?;
         let device = self.device.clone();

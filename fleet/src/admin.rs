@@ -85,7 +85,7 @@ pub fn apply(store: &mut Store, req: &AdminRequest) -> Result<AdminResponse, Sto
                 store.save()?;
                 AdminResponse::Done {
                     message: format!(
-                        "device {id} approved; it is {state} and onboards at its next attempt"
+                        "device {id} approved; it is {state} and onboards at its next attempt unless its evidence is refused"
                     ),
                 }
             }

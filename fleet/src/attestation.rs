@@ -65,7 +65,7 @@ pub enum BadRequest {
     UnknownDevice(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("the fleet could not issue the device certificate: {0}")]
+    #[error("the fleet failed inside: {0}")]
     Internal(String),
 }
 

@@ -71,7 +71,7 @@ struct PolicyArgs {
     /// File of allowed EK names (hex, one per line, # comments): the procurement list.
     #[arg(long, value_name = "FILE")]
     allow_list: Option<PathBuf>,
-    /// Reference PCR values (JSON, see docs/protocol.md). PCRs it does not list are pinned at enrolment.
+    /// Reference PCR values (JSON, see docs/protocol.md). PCRs it does not list are pinned when a device first attests them.
     #[arg(long, value_name = "FILE")]
     reference: Option<PathBuf>,
     /// Seconds a challenge (nonce) stays valid.

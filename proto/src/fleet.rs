@@ -210,7 +210,7 @@ pub struct AttestRequest {
 pub enum Verdict {
     Trusted {
         device_id: String,
-        /// PEM of the device certificate (on activation only).
+        /// PEM of a new device certificate: at activation, and when a re-attestation renews it.
         certificate_pem: Option<String>,
         /// Attest again after this long.
         reattest_after_secs: u64,

@@ -113,6 +113,23 @@ fn ek_certificate_device_onboards_and_resumes_after_restarts_without_re_enrollin
     let (ok, out) = cairnctl(&site, &["attest"]);
     assert!(ok, "{out}");
     assert_eq!(the_device(&site)["cert_serial"], serial);
+
+    // A certificate the fleet refuses at the handshake (expired, or as here not one it issued for this key)
+    // cannot be told apart from a network fault by the route: the agent enrols again and gets a new one.
+    let cert = site.dir.join("agent/data/identity/rsa2048/device.crt");
+    std::fs::copy(site.env.fleet_state.join("ca.pem"), &cert).unwrap();
+    let (ok, out) = cairnctl(&site, &["attest"]);
+    assert!(ok, "{out}");
+    assert_ne!(
+        the_device(&site)["cert_serial"],
+        serial,
+        "no new certificate"
+    );
+    let pem = std::fs::read_to_string(&cert).unwrap();
+    assert_ne!(
+        pem,
+        std::fs::read_to_string(site.env.fleet_state.join("ca.pem")).unwrap()
+    );
 }
 
 #[test]
