@@ -102,6 +102,28 @@ pub fn load_or_create(
     role: KeyRole,
 ) -> Result<AkBlob, AttestationError> {
     let dir = key_dir(data_dir, alg);
+    std::fs::create_dir_all(&dir).map_err(|source| AttestationError::Write {
+        path: dir.clone(),
+        source,
+    })?;
+    // cairnd and cairnctl may both reach here on a fresh device: without the lock each would create its own
+    // key and the last writer would win, leaving the other holding a key the fleet never sees.
+    let lock_path = dir.join(".lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| AttestationError::Write {
+            path: lock_path.clone(),
+            source,
+        })?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
+        |(_, e)| AttestationError::Write {
+            path: lock_path.clone(),
+            source: std::io::Error::from(e),
+        },
+    )?;
     let priv_name = format!("{}.priv", role.as_str());
     let pub_name = format!("{}.pub", role.as_str());
     let (priv_path, pub_path) = (dir.join(&priv_name), dir.join(&pub_name));

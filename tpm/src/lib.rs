@@ -59,12 +59,36 @@ impl Tpm {
         &self.tcti
     }
 
+    /// A TPM without a resource manager (swtpm, the simulator) mixes up two processes' sessions and objects if
+    /// their commands interleave; cairnd and cairnctl then take turns through a lock file. A kernel resource
+    /// manager (`/dev/tpmrm0`) needs none.
+    fn turn(&self) -> Option<std::fs::File> {
+        if !(self.tcti.starts_with("swtpm") || self.tcti.starts_with("mssim")) {
+            return None;
+        }
+        let name: String = self
+            .tcti
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let path = std::env::temp_dir().join(format!("cairn-tpm-{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .ok()?;
+        file.lock().ok()?;
+        Some(file)
+    }
+
     /// Opens the TPM, runs `f`, and closes the TPM again whatever `f` returned.
     pub fn with_context<T>(
         &self,
         operation: &'static str,
         f: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
     ) -> Result<T, TpmError> {
+        let _turn = self.turn();
         let conf = TctiNameConf::from_str(&self.tcti).map_err(|source| TpmError::BadTcti {
             tcti: self.tcti.clone(),
             source,
