@@ -24,6 +24,8 @@ pub struct Config {
     pub fleet: FleetConfig,
     pub hardware: HardwareConfig,
     pub metrics: MetricsConfig,
+    pub health: HealthConfig,
+    pub power: PowerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +81,72 @@ pub struct HardwareConfig {
     /// The NVML library to load: a name the dynamic loader searches for, or a path.
     pub nvml_library: PathBuf,
     pub poll_interval_secs: u64,
+    /// How often NVMe SMART logs are read (each is an admin command to the drive).
+    pub nvme_interval_secs: u64,
+}
+
+/// Power sources beyond sysfs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PowerConfig {
+    /// The NUT server (upsd) to ask about the UPS, `host:port`; empty when the site has none.
+    pub nut_server: String,
+    /// The UPS's name on that server (`upsc -l`).
+    pub nut_ups: String,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        PowerConfig {
+            nut_server: String::new(),
+            nut_ups: "ups".into(),
+        }
+    }
+}
+
+impl PowerConfig {
+    pub fn ups(&self) -> Option<crate::hardware::power::nut::UpsConfig> {
+        (!self.nut_server.is_empty()).then(|| {
+            crate::hardware::power::nut::UpsConfig::new(
+                self.nut_server.clone(),
+                self.nut_ups.clone(),
+            )
+        })
+    }
+}
+
+/// Thresholds of the health model (docs/health.md lists every signal and rule).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// GPU core temperature at or above which the GPU is degraded.
+    pub gpu_temperature_c: u32,
+    /// GPU memory (HBM) temperature at or above which the GPU is degraded.
+    pub gpu_memory_temperature_c: u32,
+    /// XIDs that mean the GPU needs a reset or replacement: the GPU is failed until cairnd restarts.
+    pub gpu_failed_xids: Vec<u64>,
+    /// NVMe percentage used (of rated endurance) at or above which the drive is degraded.
+    pub nvme_percentage_used: u8,
+    /// NVMe available spare within this many points above the drive's own threshold: degraded.
+    pub nvme_spare_margin_percent: u8,
+    /// NVMe composite temperature at or above which the drive is degraded.
+    pub nvme_temperature_c: u32,
+    /// On battery with less estimated runtime than this, the UPS is failed (degraded above it).
+    pub ups_runtime_secs: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            gpu_temperature_c: 90,
+            gpu_memory_temperature_c: 95,
+            gpu_failed_xids: vec![48, 63, 64, 74, 79, 94, 95],
+            nvme_percentage_used: 90,
+            nvme_spare_margin_percent: 10,
+            nvme_temperature_c: 70,
+            ups_runtime_secs: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +204,7 @@ impl Default for HardwareConfig {
             sys_root: "/".into(),
             nvml_library: "libnvidia-ml.so.1".into(),
             poll_interval_secs: 10,
+            nvme_interval_secs: 60,
         }
     }
 }
@@ -401,6 +470,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("fleet.check_interval_secs", c.fleet.check_interval_secs),
         ("fleet.timeout_secs", c.fleet.timeout_secs),
         ("hardware.poll_interval_secs", c.hardware.poll_interval_secs),
+        ("hardware.nvme_interval_secs", c.hardware.nvme_interval_secs),
         ("fleet.retry_min_secs", c.fleet.retry_min_secs),
     ] {
         if secs == 0 {
@@ -410,6 +480,22 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
                 "give it a number of seconds of at least 1",
             ));
         }
+    }
+    if let Some(ups) = c.power.ups() {
+        if let Err(e) = ups.validate() {
+            return Err(ConfigError::invalid(
+                origin,
+                format!("keys `power.nut_server`/`power.nut_ups`: {e}"),
+                "give upsd's host:port and the UPS name `upsc -l` lists, or leave nut_server empty",
+            ));
+        }
+    }
+    if c.health.nvme_percentage_used > 100 || c.health.nvme_spare_margin_percent > 100 {
+        return Err(ConfigError::invalid(
+            origin,
+            "keys `health.nvme_percentage_used` and `health.nvme_spare_margin_percent` are percentages",
+            "give values from 0 to 100",
+        ));
     }
     if c.fleet.retry_max_secs < c.fleet.retry_min_secs {
         return Err(ConfigError::invalid(

@@ -3,6 +3,8 @@
 
 use crate::onboarding::AttestNow;
 use crate::status::StatusBoard;
+use crate::telemetry::LocalSink;
+use cairn_proto::control::HealthReport;
 use cairn_proto::control::{Command, Request, Response, CONTROL_VERSION, MAX_LINE_BYTES};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -80,11 +82,17 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Serves requests until the listener is dropped (the task is aborted at shutdown).
-pub async fn serve(
-    listener: UnixListener,
-    board: StatusBoard,
-    attest: Option<mpsc::Sender<AttestNow>>,
-) {
+/// What the control socket answers from.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub board: StatusBoard,
+    /// Onboarding's request channel, when onboarding runs.
+    pub attest: Option<mpsc::Sender<AttestNow>>,
+    /// Where recent events are kept.
+    pub sink: LocalSink,
+}
+
+pub async fn serve(listener: UnixListener, ctx: Context) {
     let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let (stream, _) = match listener.accept().await {
@@ -105,21 +113,16 @@ pub async fn serve(
             );
             continue;
         }
-        let board = board.clone();
-        let attest = attest.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &board, attest.as_ref()).await {
+            if let Err(e) = handle(stream, &ctx).await {
                 tracing::debug!(error = %e, "control client went away");
             }
         });
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    board: &StatusBoard,
-    attest: Option<&mpsc::Sender<AttestNow>>,
-) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, ctx: &Context) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read.take(MAX_LINE_BYTES as u64 + 1));
     let mut line = String::new();
@@ -133,7 +136,7 @@ async fn handle(
                 message: format!("request longer than {MAX_LINE_BYTES} bytes"),
             }
         } else {
-            answer(line.trim_end(), board, attest).await
+            answer(line.trim_end(), ctx).await
         };
         let mut text = serde_json::to_string(&response).map_err(std::io::Error::other)?;
         text.push('\n');
@@ -145,11 +148,7 @@ async fn handle(
     }
 }
 
-async fn answer(
-    line: &str,
-    board: &StatusBoard,
-    attest: Option<&mpsc::Sender<AttestNow>>,
-) -> Response {
+async fn answer(line: &str, ctx: &Context) -> Response {
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
@@ -164,12 +163,16 @@ async fn answer(
         };
     }
     match req.command {
-        Command::Status => Response::Status(Box::new(board.snapshot())),
+        Command::Status => Response::Status(Box::new(ctx.board.snapshot())),
+        Command::Health => Response::Health(HealthReport {
+            components: ctx.board.snapshot().health,
+            events: ctx.sink.recent_events(),
+        }),
         Command::Attest => {
             let unavailable = |why: &str| Response::Error {
                 message: format!("cannot attest: {why}"),
             };
-            let Some(attest) = attest else {
+            let Some(attest) = &ctx.attest else {
                 return unavailable(
                     "onboarding is not running (see the TPM line of `cairnctl status`)",
                 );

@@ -2,8 +2,8 @@
 //! SIGINT. Each part runs as its own task; blocking hardware calls run on their own threads.
 
 use crate::config::Loaded;
-use crate::hardware::gpu::{GpuSource, NvmlGpus};
-use crate::hardware::sysfs::SysRoot;
+use crate::hardware::gpu::NvmlGpus;
+use crate::hardware::nvme::DevSmart;
 use crate::identity::TpmProbe;
 use crate::status::{component, StatusBoard};
 use crate::uplink::FleetClient;
@@ -60,6 +60,8 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         crate::onboarding::load_state(&config.agent.data_dir),
     );
 
+    let sink = crate::telemetry::LocalSink::default();
+
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
 
@@ -76,9 +78,20 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let hw = {
         let board = board.clone();
+        let sink = sink.clone();
         let interval = Duration::from_secs(config.hardware.poll_interval_secs);
-        let mut gpus = NvmlGpus::new(config.hardware.nvml_library.clone());
-        let sys = SysRoot::new(config.hardware.sys_root.clone());
+        let hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut collector = crate::collect::Collector::new(
+            Box::new(NvmlGpus::new(config.hardware.nvml_library.clone())),
+            Box::new(DevSmart::new(config.hardware.sys_root.clone())),
+            config.hardware.sys_root.clone(),
+            &config.power,
+            config.health.clone(),
+            Duration::from_secs(config.hardware.nvme_interval_secs),
+            hostname,
+        );
         let tpm_interval = Duration::from_secs(config.tpm.probe_interval_secs);
         let tpm: Option<Box<dyn TpmProbe>> = match cairn_tpm::Tpm::new(&config.tpm.tcti) {
             Ok(t) => Some(Box::new(t)),
@@ -93,12 +106,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             .spawn(move || {
                 let mut last_tpm: Option<std::time::Instant> = None;
                 loop {
-                    let g = gpus.read();
-                    let sensors = sys.read();
-                    board.update(|s| {
-                        s.gpus = component(g);
-                        s.sensors = component(sensors);
-                    });
+                    collector.poll(&board, &sink);
                     if let Some(tpm) = &tpm {
                         if last_tpm.is_none_or(|t| t.elapsed() >= tpm_interval) {
                             let facts = tpm.probe();
@@ -188,8 +196,19 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                 (None, None)
             }
         };
-    let control_task = tokio::spawn(control::serve(listener, board.clone(), attest_tx));
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, board.clone()));
+    let control_task = tokio::spawn(control::serve(
+        listener,
+        control::Context {
+            board: board.clone(),
+            attest: attest_tx,
+            sink: sink.clone(),
+        },
+    ));
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        board.clone(),
+        sink.clone(),
+    ));
 
     // systemctl status shows this line; refreshed as the picture changes.
     let notify_task = {

@@ -2,17 +2,20 @@
 //! arguments, call into here and map errors to exit codes.
 
 pub mod attestation;
+pub mod collect;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
 pub mod hardware;
+pub mod health;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod onboarding;
 pub mod status;
+pub mod telemetry;
 pub mod tpm_tls;
 pub mod uplink;
 pub mod view;

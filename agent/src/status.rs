@@ -20,6 +20,7 @@ impl StatusBoard {
             gpus: ComponentStatus::Unknown,
             sensors: ComponentStatus::Unknown,
             fleet: ComponentStatus::Unknown,
+            health: Vec::new(),
         };
         StatusBoard {
             inner: Arc::new(RwLock::new(status)),

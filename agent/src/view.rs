@@ -1,6 +1,6 @@
 //! The status in words, for people: what `cairnctl status` prints.
 
-use cairn_proto::control::{ComponentStatus, OnboardingStatus, Status};
+use cairn_proto::control::{ComponentStatus, HealthReport, HealthState, OnboardingStatus, Status};
 use std::fmt::Write;
 
 fn line<T>(out: &mut String, label: &str, c: &ComponentStatus<T>, ok: impl Fn(&T) -> String) {
@@ -142,4 +142,56 @@ pub fn summary(s: &Status) -> String {
         word(&s.sensors),
         word(&s.fleet)
     )
+}
+
+/// `cairnctl health`: components worst first, then the recent events.
+pub fn health(r: &HealthReport) -> String {
+    let mut out = String::new();
+    let mut components: Vec<_> = r.components.iter().collect();
+    let order = |s: HealthState| match s {
+        HealthState::Failed => 0,
+        HealthState::Degraded => 1,
+        HealthState::Unknown => 2,
+        HealthState::Ok => 3,
+    };
+    components.sort_by(|a, b| {
+        order(a.state)
+            .cmp(&order(b.state))
+            .then_with(|| a.component.cmp(&b.component))
+    });
+    if components.is_empty() {
+        out.push_str("no components judged yet\n");
+    }
+    let now = crate::status::now_unix();
+    for c in components {
+        let state = match c.state {
+            HealthState::Ok => "ok".to_owned(),
+            other => other.as_str().to_uppercase(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<22}{:<10}for {} s",
+            c.component,
+            state,
+            now.saturating_sub(c.since_unix)
+        );
+        for reason in &c.reasons {
+            let _ = writeln!(out, "{:<22}  {reason}", "");
+        }
+    }
+    if !r.events.is_empty() {
+        let _ = writeln!(out, "\nrecent events (oldest first):");
+        for e in &r.events {
+            let _ = writeln!(
+                out,
+                "  {:>6} s ago  {:<9} {:<18} {}: {}",
+                now.saturating_sub(e.at_unix_ms / 1000),
+                format!("{:?}", e.severity).to_lowercase(),
+                e.component,
+                e.kind,
+                e.message
+            );
+        }
+    }
+    out
 }

@@ -43,6 +43,14 @@ fn raw_exchange(path: &std::path::Path, line: &str) -> String {
     out
 }
 
+fn ctx() -> control::Context {
+    control::Context {
+        board: board(),
+        attest: None,
+        sink: cairn_agent::telemetry::LocalSink::default(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_round_trip_and_bad_requests() {
     let dir = tempfile::tempdir().unwrap();
@@ -50,7 +58,7 @@ async fn status_round_trip_and_bad_requests() {
     let listener = control::bind(&path).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "control socket must be owner-only");
-    let server = tokio::spawn(control::serve(listener, board(), None));
+    let server = tokio::spawn(control::serve(listener, ctx()));
 
     let p = path.clone();
     let (status, bad_json, bad_version, unknown) = tokio::task::spawn_blocking(move || {
@@ -91,7 +99,7 @@ async fn status_round_trip_and_bad_requests() {
 async fn oversized_request_is_refused_without_buffering_it_all() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.sock");
-    let server = tokio::spawn(control::serve(control::bind(&path).unwrap(), board(), None));
+    let server = tokio::spawn(control::serve(control::bind(&path).unwrap(), ctx()));
     let p = path.clone();
     let answer = tokio::task::spawn_blocking(move || {
         let big = "x".repeat(cairn_proto::control::MAX_LINE_BYTES + 10) + "\n";

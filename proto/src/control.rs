@@ -23,6 +23,8 @@ pub enum Command {
     Status,
     /// Attest to the fleet now (or enrol, if not onboarded yet) and answer with the outcome.
     Attest,
+    /// The health model: every component's state and reasons, and the recent events.
+    Health,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +32,7 @@ pub enum Command {
 pub enum Response {
     Status(Box<Status>),
     Attest(OnboardingStatus),
+    Health(HealthReport),
     Error { message: String },
 }
 
@@ -43,6 +46,8 @@ pub struct Status {
     pub gpus: ComponentStatus<GpuFacts>,
     pub sensors: ComponentStatus<SensorFacts>,
     pub fleet: ComponentStatus<FleetFacts>,
+    /// The health model's verdict on every component it judges.
+    pub health: Vec<ComponentHealth>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,4 +194,72 @@ mod tests {
         assert_eq!(v["state"], "unavailable");
         assert_eq!(v["reason"], "no TPM");
     }
+}
+
+/// A component's health as the agent judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Ok,
+    /// Still working, but past a warning threshold (hot, worn, on battery…).
+    Degraded,
+    /// Not working, or about to lose data (GPU lost, critical XID, drive failing…).
+    Failed,
+    /// Could not be looked at (no driver, no permission); the reason says why.
+    Unknown,
+}
+
+impl HealthState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Ok => "ok",
+            HealthState::Degraded => "degraded",
+            HealthState::Failed => "failed",
+            HealthState::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentHealth {
+    /// "gpu 3", "nvme0", "ups", "hwmon coretemp", …
+    pub component: String,
+    /// "gpu", "nvme", "power", "ups", "thermal".
+    pub kind: String,
+    pub state: HealthState,
+    /// Why it is not ok, one sentence each; empty when ok.
+    pub reasons: Vec<String>,
+    /// When it entered this state.
+    pub since_unix: u64,
+}
+
+/// How bad an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+/// Something that happened at a moment: a health transition, an XID, a drive reporting a critical warning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub at_unix_ms: u64,
+    /// The component it is about, as the health model names it.
+    pub component: String,
+    /// "health" (a transition), "xid", …
+    pub kind: String,
+    pub severity: Severity,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthReport {
+    pub components: Vec<ComponentHealth>,
+    /// The most recent events, oldest first (the agent keeps a bounded number).
+    pub events: Vec<Event>,
 }

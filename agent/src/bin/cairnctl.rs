@@ -45,6 +45,12 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The health model: every component ok / degraded / failed with reasons, and the recent events.
+    /// Exit code 0 when nothing is failed, 1 otherwise.
+    Health {
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running agent to attest to the fleet now (enrolling first if needed) and print the verdict.
     /// Exit code 0 when the fleet trusts the device, 1 otherwise.
     Attest {
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Status { json } => status(args.config, args.socket, *json),
         Cmd::Quote { nonce, pcrs, out } => quote(args.config, nonce, pcrs, out),
         Cmd::Attest { json } => attest(args.config, args.socket, *json),
+        Cmd::Health { json } => health(args.config, args.socket, *json),
     }
 }
 
@@ -74,6 +81,46 @@ fn control_failure(e: ControlError) -> ExitCode {
     match e {
         ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
         _ => ExitCode::FAILURE,
+    }
+}
+
+fn health(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let socket = match socket_path(config_path, socket) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match control::request(&socket, Command::Health, Duration::from_secs(10)) {
+        Ok(Response::Health(report)) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(t) => println!("{t}"),
+                    Err(e) => {
+                        eprintln!("cairnctl: cannot print the health report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", view::health(&report));
+            }
+            let failed = report
+                .components
+                .iter()
+                .any(|c| c.state == cairn_proto::control::HealthState::Failed);
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("cairnctl: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(other) => {
+            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => control_failure(e),
     }
 }
 

@@ -5,12 +5,19 @@
 
 use crate::config::{pci_bus, uuid};
 use crate::state::{lock, State};
-use nvml_wrapper_sys::bindings::{
-    nvmlDevice_t, nvmlEventData_t, nvmlEventSet_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlReturn_t,
-    nvmlUtilization_t,
+use nvml_wrapper_sys::bindings::field_id::{
+    NVML_FI_DEV_MEMORY_TEMP, NVML_FI_DEV_PCIE_REPLAY_COUNTER, NVML_FI_DEV_REMAPPED_COR,
+    NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_PENDING, NVML_FI_DEV_REMAPPED_UNC,
+    NVML_FI_DEV_RETIRED_DBE, NVML_FI_DEV_RETIRED_SBE, NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
 };
-use std::ffi::{c_char, c_uint, c_ulonglong};
-use std::time::{Duration, Instant};
+use nvml_wrapper_sys::bindings::{
+    nvmlDevice_t, nvmlEventData_t, nvmlEventSet_t, nvmlFieldValue_t, nvmlMemory_v2_t,
+    nvmlPciInfo_t, nvmlReturn_t, nvmlUtilization_t,
+    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT,
+    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, nvmlValue_t,
+};
+use std::ffi::{c_char, c_int, c_uint, c_ulonglong};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const SUCCESS: nvmlReturn_t = 0;
 const ERROR_UNINITIALIZED: nvmlReturn_t = 1;
@@ -29,6 +36,11 @@ const TEMPERATURE_GPU: c_uint = 0;
 const CLOCK_GRAPHICS: c_uint = 0;
 const CLOCK_SM: c_uint = 1;
 const CLOCK_MEM: c_uint = 2;
+const RETIRED_FOR_SINGLE_BIT: c_uint = 0;
+const RETIRED_FOR_DOUBLE_BIT: c_uint = 1;
+const THROTTLE_GPU_IDLE: u64 = 0x1;
+/// The window NVML averages encoder and decoder utilisation over, in microseconds.
+const CODEC_SAMPLING_PERIOD_US: c_uint = 167_000;
 
 /// Device handles are `index + 1` cast to a pointer: never dereferenced, never null.
 fn handle(index: usize) -> nvmlDevice_t {
@@ -316,6 +328,12 @@ fn power_mw(state: &State, i: usize) -> u32 {
     state.gpus()[i].idle_power_mw + 1_500 * i as u32
 }
 
+/// Millijoules since the library was loaded, consistent with the reported power.
+fn energy_mj(state: &State, i: usize) -> u64 {
+    let ms = state.loaded_at.elapsed().as_millis() as u64;
+    u64::from(power_mw(state, i)) * ms / 1000
+}
+
 /// # Safety
 /// `power` must be valid for writes.
 #[no_mangle]
@@ -335,13 +353,12 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
     energy: *mut c_ulonglong,
 ) -> nvmlReturn_t {
     // SAFETY: forwarded caller contract.
-    unsafe {
-        answer(device, energy, |state, i| {
-            // Millijoules since the library was loaded, consistent with the reported power.
-            let ms = state.loaded_at.elapsed().as_millis() as u64;
-            Ok(u64::from(power_mw(state, i)) * ms / 1000)
-        })
-    }
+    unsafe { answer(device, energy, |state, i| Ok(energy_mj(state, i))) }
+}
+
+/// GPU utilisation (%): different per GPU, GPU 0 idle.
+fn gpu_util(i: usize) -> c_uint {
+    (10 * i as c_uint) % 100
 }
 
 /// # Safety
@@ -355,7 +372,7 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     unsafe {
         answer(device, util, |_, i| {
             Ok(nvmlUtilization_t {
-                gpu: (10 * i as c_uint) % 100,
+                gpu: gpu_util(i),
                 memory: (5 * i as c_uint) % 100,
             })
         })
@@ -492,7 +509,9 @@ pub extern "C" fn nvmlDeviceRegisterEvents(
     }
 }
 
-/// Delivers the next XID not yet delivered on this set, waiting up to `timeout_ms` for one to be injected.
+/// Delivers the next XID not yet delivered of a GPU registered on this set, waiting up to `timeout_ms` for one to
+/// be injected. Once a registered GPU that is lost has no XID left to deliver, the wait fails with
+/// `NVML_ERROR_GPU_IS_LOST`, as the real library's does.
 ///
 /// # Safety
 /// `data` must be valid for writes.
@@ -510,19 +529,17 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
         {
             let mut guard = lock();
             let state = &mut *guard;
-            let Some(es) = state.sets.get_mut(&(set as usize)) else {
+            let Some(es) = state.sets.get(&(set as usize)) else {
                 return ERROR_INVALID_ARGUMENT;
             };
+            let mut lost = false;
             for &(index, mask) in &es.registered {
                 if mask & EVENT_TYPE_XID_CRITICAL_ERROR == 0 {
                     continue;
                 }
-                let xids = state
-                    .config
-                    .fault(index)
-                    .map(|f| f.xid.as_slice())
-                    .unwrap_or_default();
-                let done = es.delivered.entry(index).or_insert(0);
+                let fault = state.config.fault(index);
+                let xids = fault.map(|f| f.xid.as_slice()).unwrap_or_default();
+                let done = state.xids_delivered.entry(index).or_insert(0);
                 if let Some(&xid) = xids.get(*done) {
                     *done += 1;
                     // SAFETY: checked non-null; caller guarantees validity.
@@ -537,6 +554,10 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
                     };
                     return SUCCESS;
                 }
+                lost |= fault.is_some_and(|f| f.lost);
+            }
+            if lost {
+                return ERROR_GPU_IS_LOST;
             }
         }
         let now = Instant::now();
@@ -545,4 +566,321 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
         }
         std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
     }
+}
+
+/// Memory (HBM) temperature: the fault file's, else the model's where it has a sensor NVML reports.
+fn memory_temperature(state: &State, i: usize) -> Result<c_uint, nvmlReturn_t> {
+    let model = state.gpus()[i]
+        .base_memory_temperature_c
+        .map(|t| t + i as u32);
+    state
+        .config
+        .fault(i)
+        .and_then(|f| f.memory_temperature_c)
+        .or(model)
+        .ok_or(ERROR_NOT_SUPPORTED)
+}
+
+fn pcie_replays(state: &State, i: usize) -> c_uint {
+    state.config.fault(i).map_or(0, |f| f.pcie_replays)
+}
+
+/// Pages retired for `cause`. L4 and H100 remap rows instead of retiring pages, so NVML reports page retirement
+/// as not supported there unless the fault file gives the GPU retired pages.
+fn retired_pages(state: &State, i: usize, cause: c_uint) -> Result<c_uint, nvmlReturn_t> {
+    let fault = state
+        .config
+        .fault(i)
+        .filter(|f| f.retires_pages())
+        .ok_or(ERROR_NOT_SUPPORTED)?;
+    match cause {
+        RETIRED_FOR_SINGLE_BIT => Ok(fault.retired_pages_sbe.unwrap_or(0)),
+        RETIRED_FOR_DOUBLE_BIT => Ok(fault.retired_pages_dbe.unwrap_or(0)),
+        _ => Err(ERROR_INVALID_ARGUMENT),
+    }
+}
+
+/// Remapped rows: (correctable, uncorrectable, pending, failure occurred).
+fn remapped_rows(state: &State, i: usize) -> (c_uint, c_uint, c_uint, c_uint) {
+    state.config.fault(i).map_or((0, 0, 0, 0), |f| {
+        (
+            f.remapped_rows_correctable,
+            f.remapped_rows_uncorrectable,
+            c_uint::from(f.remap_pending),
+            c_uint::from(f.remap_failure),
+        )
+    })
+}
+
+/// One field of `nvmlDeviceGetFieldValues`.
+enum Field {
+    U32(c_uint),
+    U64(c_ulonglong),
+}
+
+fn field(state: &State, i: usize, id: c_uint) -> Result<Field, nvmlReturn_t> {
+    let (cor, unc, pending, failure) = remapped_rows(state, i);
+    match id {
+        NVML_FI_DEV_MEMORY_TEMP => memory_temperature(state, i).map(Field::U32),
+        NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION => Ok(Field::U64(energy_mj(state, i))),
+        NVML_FI_DEV_PCIE_REPLAY_COUNTER => Ok(Field::U64(u64::from(pcie_replays(state, i)))),
+        NVML_FI_DEV_RETIRED_SBE => {
+            retired_pages(state, i, RETIRED_FOR_SINGLE_BIT).map(|n| Field::U64(u64::from(n)))
+        }
+        NVML_FI_DEV_RETIRED_DBE => {
+            retired_pages(state, i, RETIRED_FOR_DOUBLE_BIT).map(|n| Field::U64(u64::from(n)))
+        }
+        NVML_FI_DEV_REMAPPED_COR => Ok(Field::U32(cor)),
+        NVML_FI_DEV_REMAPPED_UNC => Ok(Field::U32(unc)),
+        NVML_FI_DEV_REMAPPED_PENDING => Ok(Field::U32(pending)),
+        NVML_FI_DEV_REMAPPED_FAILURE => Ok(Field::U32(failure)),
+        _ => Err(ERROR_NOT_SUPPORTED),
+    }
+}
+
+/// Answers each requested field in place: its own status, type and value, as the real library does. The call
+/// itself fails only when the GPU cannot be reached.
+///
+/// # Safety
+/// `values` must be valid for reading and writing `count` elements.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
+    device: nvmlDevice_t,
+    count: c_int,
+    values: *mut nvmlFieldValue_t,
+) -> nvmlReturn_t {
+    let Ok(count) = usize::try_from(count) else {
+        return ERROR_INVALID_ARGUMENT;
+    };
+    if values.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let state = lock();
+    let i = match gpu(&state, device) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    // SAFETY: non-null, and the caller passes `count` initialised elements.
+    let values = unsafe { std::slice::from_raw_parts_mut(values, count) };
+    for v in values {
+        v.timestamp = now_us;
+        v.latencyUsec = 0;
+        match field(&state, i, v.fieldId) {
+            Ok(Field::U32(x)) => {
+                v.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT;
+                v.value = nvmlValue_t { uiVal: x };
+                v.nvmlReturn = SUCCESS;
+            }
+            Ok(Field::U64(x)) => {
+                v.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+                v.value = nvmlValue_t { ullVal: x };
+                v.nvmlReturn = SUCCESS;
+            }
+            Err(code) => v.nvmlReturn = code,
+        }
+    }
+    SUCCESS
+}
+
+/// Runs `f` on a resolved GPU and writes its two answers.
+///
+/// # Safety
+/// `a` and `b` must be null or valid for writes.
+unsafe fn answer2<A, B>(
+    device: nvmlDevice_t,
+    a: *mut A,
+    b: *mut B,
+    f: impl FnOnce(&State, usize) -> Result<(A, B), nvmlReturn_t>,
+) -> nvmlReturn_t {
+    if a.is_null() || b.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let state = lock();
+    match gpu(&state, device).and_then(|i| f(&state, i)) {
+        Ok((x, y)) => {
+            // SAFETY: non-null and valid for writes per this function's contract.
+            unsafe {
+                a.write(x);
+                b.write(y);
+            }
+            SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// # Safety
+/// `util` and `period_us` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetEncoderUtilization(
+    device: nvmlDevice_t,
+    util: *mut c_uint,
+    period_us: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        answer2(device, util, period_us, |state, i| {
+            Ok((state.gpus()[i].encoder_util, CODEC_SAMPLING_PERIOD_US))
+        })
+    }
+}
+
+/// # Safety
+/// `util` and `period_us` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetDecoderUtilization(
+    device: nvmlDevice_t,
+    util: *mut c_uint,
+    period_us: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        answer2(device, util, period_us, |state, i| {
+            Ok((state.gpus()[i].decoder_util, CODEC_SAMPLING_PERIOD_US))
+        })
+    }
+}
+
+/// The fault file's bitmask, else "idle" on an idle GPU and no reason on a busy one.
+///
+/// # Safety
+/// `reasons` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
+    device: nvmlDevice_t,
+    reasons: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        answer(device, reasons, |state, i| {
+            let idle = if gpu_util(i) == 0 {
+                THROTTLE_GPU_IDLE
+            } else {
+                0
+            };
+            Ok(state
+                .config
+                .fault(i)
+                .and_then(|f| f.throttle_reasons)
+                .unwrap_or(idle))
+        })
+    }
+}
+
+/// # Safety
+/// `value` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPcieReplayCounter(
+    device: nvmlDevice_t,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller contract.
+    unsafe { answer(device, value, |state, i| Ok(pcie_replays(state, i))) }
+}
+
+/// Shared by both versions: `*count` is the room in the buffers on entry and the number of pages on return;
+/// too little room (a size query passes 0) answers `NVML_ERROR_INSUFFICIENT_SIZE`.
+///
+/// # Safety
+/// `count` must be valid for reads and writes; `addresses` (and `timestamps`, unless null) valid for writing
+/// `*count` elements.
+unsafe fn retired_page_list(
+    device: nvmlDevice_t,
+    cause: c_uint,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    if count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let state = lock();
+    let pages = match gpu(&state, device).and_then(|i| retired_pages(&state, i, cause)) {
+        Ok(n) => n,
+        Err(code) => return code,
+    };
+    // SAFETY: checked non-null; caller guarantees validity.
+    let room = unsafe { count.read() };
+    // SAFETY: as above.
+    unsafe { count.write(pages) };
+    if room < pages {
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    if pages > 0 && addresses.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let retired_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(86_400);
+    for k in 0..pages as usize {
+        // 2 MiB pages, double-bit retirements in a separate range so the two lists never overlap.
+        let address = 0x1_0000_0000 + u64::from(cause) * 0x1000_0000 + k as u64 * 0x20_0000;
+        // SAFETY: the caller's buffers hold `room >= pages` elements.
+        unsafe {
+            addresses.add(k).write(address);
+            if !timestamps.is_null() {
+                timestamps.add(k).write(retired_at + k as u64 * 60);
+            }
+        }
+    }
+    SUCCESS
+}
+
+/// # Safety
+/// See [`retired_page_list`].
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
+    device: nvmlDevice_t,
+    cause: c_uint,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller contract.
+    unsafe { retired_page_list(device, cause, count, addresses, std::ptr::null_mut()) }
+}
+
+/// # Safety
+/// See [`retired_page_list`].
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages_v2(
+    device: nvmlDevice_t,
+    cause: c_uint,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller contract.
+    unsafe { retired_page_list(device, cause, count, addresses, timestamps) }
+}
+
+/// # Safety
+/// All four pointers must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
+    device: nvmlDevice_t,
+    correctable: *mut c_uint,
+    uncorrectable: *mut c_uint,
+    pending: *mut c_uint,
+    failure: *mut c_uint,
+) -> nvmlReturn_t {
+    if correctable.is_null() || uncorrectable.is_null() || pending.is_null() || failure.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let state = lock();
+    let (c, u, p, f) = match gpu(&state, device) {
+        Ok(i) => remapped_rows(&state, i),
+        Err(code) => return code,
+    };
+    // SAFETY: checked non-null; caller guarantees validity.
+    unsafe {
+        correctable.write(c);
+        uncorrectable.write(u);
+        pending.write(p);
+        failure.write(f);
+    }
+    SUCCESS
 }

@@ -1,5 +1,5 @@
 //! The library's process-wide state: the current configuration (re-read when its file changes), init count,
-//! event sets and which XIDs each set has delivered.
+//! event sets and how many of each GPU's XIDs have been delivered.
 
 use crate::config::{FakeConfig, GpuModel};
 use std::collections::HashMap;
@@ -15,14 +15,16 @@ pub struct State {
     pub init_count: u32,
     pub loaded_at: Instant,
     pub next_set: usize,
-    /// Per event set: registered (gpu index, event mask), and per GPU how many XIDs it has delivered.
+    /// Per event set: the registered (gpu index, event mask) pairs.
     pub sets: HashMap<usize, EventSet>,
+    /// Per GPU: how many of the XIDs listed in the file have been delivered (to any event set). Each XID happens
+    /// once, so a set created later does not see it again.
+    pub xids_delivered: HashMap<usize, usize>,
 }
 
 #[derive(Default)]
 pub struct EventSet {
     pub registered: Vec<(usize, u64)>,
-    pub delivered: HashMap<usize, usize>,
 }
 
 impl State {
@@ -36,6 +38,7 @@ impl State {
             loaded_at: Instant::now(),
             next_set: 1,
             sets: HashMap::new(),
+            xids_delivered: HashMap::new(),
         };
         s.refresh();
         s
@@ -56,6 +59,7 @@ impl State {
             .and_then(|t| FakeConfig::parse(&t).map_err(|e| e.to_string()))
         {
             Ok(c) => {
+                self.forget_replaced_xids(&c);
                 self.config = c;
                 self.config_error = None;
             }
@@ -67,6 +71,23 @@ impl State {
                 self.config_error = Some(msg);
             }
         }
+    }
+
+    /// A GPU's XID list that no longer starts with what was delivered from it was replaced, not extended: all of
+    /// its entries are new XIDs.
+    fn forget_replaced_xids(&mut self, next: &FakeConfig) {
+        let current = &self.config;
+        self.xids_delivered.retain(|&index, delivered| {
+            let old = current
+                .fault(index)
+                .map(|f| f.xid.as_slice())
+                .unwrap_or_default();
+            let new = next
+                .fault(index)
+                .map(|f| f.xid.as_slice())
+                .unwrap_or_default();
+            new.starts_with(&old[..(*delivered).min(old.len())])
+        });
     }
 
     pub fn gpus(&self) -> Vec<GpuModel> {

@@ -35,6 +35,63 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Mean CPU time `pid` spends per GET of `url`, over `n` scrapes.
+fn scrape_cpu_ms(pid: u32, url: &str, n: u32) -> Result<f64, Box<dyn std::error::Error>> {
+    let c0 = cpu_ticks(pid).ok_or("process exited")?;
+    for _ in 0..n {
+        let out = std::process::Command::new("curl")
+            .args(["-fsS", "-o", "/dev/null", url])
+            .status()?;
+        if !out.success() {
+            return Err(format!("scraping {url} failed").into());
+        }
+    }
+    let c1 = cpu_ticks(pid).ok_or("process exited")?;
+    // Ticks are 10 ms; over hundreds of scrapes the mean is fine-grained enough.
+    Ok((c1 - c0) as f64 * 10.0 / f64::from(n))
+}
+
+/// A running node_exporter: its pid, its /metrics URL, and the process to stop.
+type NodeExporter = (u32, String, std::process::Child);
+
+/// node_exporter with only the collectors that read what cairnd reads (hwmon, RAPL), on the fake tree.
+fn start_node_exporter(
+    sysroot: &std::path::Path,
+) -> Result<Option<NodeExporter>, Box<dyn std::error::Error>> {
+    let bin = std::path::Path::new("/usr/bin/prometheus-node-exporter");
+    if !bin.exists() {
+        return Ok(None);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = std::process::Command::new(bin)
+        .arg(format!("--path.sysfs={}", sysroot.join("sys").display()))
+        .args([
+            "--collector.disable-defaults",
+            "--collector.hwmon",
+            "--collector.rapl",
+            &format!("--web.listen-address=127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::process::Command::new("curl")
+        .args(["-fsS", "-o", "/dev/null", &url])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            return Err("node_exporter did not come up".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(Some((child.id(), url, child)))
+}
+
 fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>> {
     let mut figures = Vec::new();
     let mut fig = |metric, value, unit| {
@@ -168,6 +225,25 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
         n as f64 / t.elapsed().as_secs_f64(),
         "1/s",
     );
+
+    // CPU per /metrics scrape, cairnd beside node_exporter reading the same fake tree (hwmon, RAPL).
+    let scrapes = 300;
+    let cairnd_ms = scrape_cpu_ms(pid, &site.env.metrics_url, scrapes)?;
+    fig("cairnd_cpu_per_scrape", cairnd_ms, "ms");
+    if let Some((ne_pid, url, mut child)) = start_node_exporter(&dir.join("sysroot"))? {
+        let ne_ms = scrape_cpu_ms(ne_pid, &url, scrapes);
+        let _ = child.kill();
+        let _ = child.wait();
+        let ne_ms = ne_ms?;
+        fig("node_exporter_cpu_per_scrape", ne_ms, "ms");
+        fig(
+            "cairnd_to_node_exporter_cpu_per_scrape",
+            cairnd_ms / ne_ms,
+            "ratio",
+        );
+    } else {
+        eprintln!("cairn-bench: prometheus-node-exporter not installed; skipping the comparison");
+    }
 
     let s = site.status()?;
     if let Some(f) = s.fleet.facts() {
