@@ -117,3 +117,161 @@ impl Collector {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hardware::gpu::{GpuMetrics, GpuReading, XidEvent};
+    use crate::hardware::nvme::NvmeError;
+    use crate::telemetry::LocalSink;
+    use cairn_proto::control::{AgentStatus, GpuFacts, HealthState, OnboardingStatus};
+    use std::sync::{Arc, Mutex};
+
+    /// GPUs whose next reading a test sets.
+    struct ScriptedGpus(Arc<Mutex<Result<GpuReading, String>>>);
+
+    impl GpuSource for ScriptedGpus {
+        fn read(&mut self) -> Result<GpuReading, String> {
+            let mut next = self.0.lock().unwrap();
+            let out = next.clone();
+            // XIDs are delivered once.
+            if let Ok(r) = &mut *next {
+                r.xids.clear();
+            }
+            out
+        }
+    }
+
+    struct NoDrives;
+    impl SmartSource for NoDrives {
+        fn read(&mut self, controller: &str) -> Result<[u8; 512], NvmeError> {
+            panic!("no drive {controller} should be read")
+        }
+    }
+
+    fn gpu(index: u32) -> GpuMetrics {
+        GpuMetrics {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "NVIDIA H100".into(),
+            temperature_c: Some(40),
+            ..GpuMetrics::default()
+        }
+    }
+
+    fn reading(xids: Vec<XidEvent>) -> GpuReading {
+        let gpus = vec![gpu(0), gpu(1)];
+        GpuReading {
+            facts: GpuFacts {
+                driver_version: "550".into(),
+                gpus: gpus.iter().map(GpuMetrics::summary).collect(),
+            },
+            gpus,
+            xids,
+        }
+    }
+
+    fn setup() -> (
+        Collector,
+        Arc<Mutex<Result<GpuReading, String>>>,
+        tempfile::TempDir,
+    ) {
+        let next = Arc::new(Mutex::new(Ok(reading(vec![]))));
+        let root = tempfile::tempdir().unwrap();
+        let c = Collector::new(
+            Box::new(ScriptedGpus(next.clone())),
+            Box::new(NoDrives),
+            root.path().to_owned(),
+            &PowerConfig::default(),
+            HealthConfig::default(),
+            Duration::from_secs(60),
+            "host".into(),
+        );
+        (c, next, root)
+    }
+
+    fn board() -> StatusBoard {
+        StatusBoard::new(
+            AgentStatus {
+                version: "t".into(),
+                pid: 1,
+                uptime_secs: 0,
+                config_sources: vec![],
+                data_dir: "/x".into(),
+            },
+            OnboardingStatus::default(),
+        )
+    }
+
+    fn state(b: &StatusBoard, component: &str) -> HealthState {
+        b.snapshot()
+            .health
+            .iter()
+            .find(|c| c.component == component)
+            .unwrap()
+            .state
+    }
+
+    #[test]
+    fn a_critical_xid_fails_its_gpu_in_the_same_poll_and_stays_failed() {
+        let (mut c, next, _root) = setup();
+        let (b, sink) = (board(), LocalSink::default());
+        c.poll(&b, &sink);
+        assert_eq!(state(&b, "gpu 1"), HealthState::Ok);
+        *next.lock().unwrap() = Ok(reading(vec![XidEvent {
+            gpu: 1,
+            uuid: "GPU-1".into(),
+            xid: 79,
+        }]));
+        c.poll(&b, &sink);
+        assert_eq!(state(&b, "gpu 1"), HealthState::Failed);
+        assert_eq!(state(&b, "gpu 0"), HealthState::Ok);
+        let events = sink.recent_events();
+        let xid = events.iter().find(|e| e.kind == "xid").unwrap();
+        assert_eq!(xid.severity, Severity::Critical);
+        assert!(xid.message.contains("XID 79") && xid.message.contains("fallen off the bus"));
+        let transition = events.iter().find(|e| e.kind == "health").unwrap();
+        assert_eq!(transition.component, "gpu 1");
+        assert!(
+            transition.message.starts_with("ok → failed"),
+            "{}",
+            transition.message
+        );
+        // NVML reports each XID once; the GPU still needs a reset, so it stays failed.
+        c.poll(&b, &sink);
+        assert_eq!(state(&b, "gpu 1"), HealthState::Failed);
+        // A non-critical XID is an event, not a failure.
+        *next.lock().unwrap() = Ok(reading(vec![XidEvent {
+            gpu: 0,
+            uuid: "GPU-0".into(),
+            xid: 13,
+        }]));
+        c.poll(&b, &sink);
+        assert_eq!(state(&b, "gpu 0"), HealthState::Ok);
+        assert_eq!(
+            sink.recent_events().last().unwrap().severity,
+            Severity::Warning
+        );
+        // The samples went to the sink under "gpus".
+        assert!(sink
+            .all_samples()
+            .iter()
+            .any(|s| s.name == "DCGM_FI_DEV_XID_ERRORS" || s.name == "DCGM_FI_DEV_GPU_TEMP"));
+    }
+
+    #[test]
+    fn nvml_unavailable_is_unknown_not_a_crash() {
+        let (mut c, next, _root) = setup();
+        let (b, sink) = (board(), LocalSink::default());
+        *next.lock().unwrap() = Err(
+            "NVML unavailable (libnvidia-ml.so.1): the NVIDIA driver library is not installed"
+                .into(),
+        );
+        c.poll(&b, &sink);
+        assert_eq!(state(&b, "gpus"), HealthState::Unknown);
+        assert!(matches!(
+            b.snapshot().gpus,
+            cairn_proto::control::ComponentStatus::Unavailable { .. }
+        ));
+    }
+}

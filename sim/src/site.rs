@@ -229,9 +229,13 @@ impl Site {
             what: "the fake NVML library",
             path: bins.join("libcairn_fake_nvml.so"),
         })?;
-        for sub in ["logs", "run", "agent/data", "fleet", "tpm"] {
+        for sub in ["logs", "run", "agent/data", "fleet", "tpm", "lib"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
         }
+        // The site's own copy of the driver library, so a test can take the driver away from this site only.
+        let site_nvml = dir.join("lib/libnvidia-ml.so.1");
+        std::fs::copy(&nvml_library, &site_nvml).map_err(io(&site_nvml))?;
+        let nvml_library = site_nvml;
         let sysroot = dir.join("sysroot");
         sysfs_tree::write(&sysroot, &opts.tree).map_err(io(&sysroot))?;
         let gpus = dir.join("gpus.toml");

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! profile = "h100x8"            # "l4x1" (default), "h100x8", or "none" (driver loaded, no GPU)
-//! driver_loaded = true          # false: nvmlInit fails with NVML_ERROR_DRIVER_NOT_LOADED
+//! driver_loaded = true          # false: nvmlInit and nvmlDeviceGetCount fail with NVML_ERROR_DRIVER_NOT_LOADED
 //! [gpu.3]
 //! xid = [79]                    # XID errors, each delivered once through an NVML event set
 //! ecc_single_bit = 12           # corrected (single-bit) ECC errors, aggregate

@@ -190,6 +190,10 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> nvmlReturn
     if state.init_count == 0 {
         return ERROR_UNINITIALIZED;
     }
+    // The driver unloaded under a running process (rmmod): NVML answers that it is gone.
+    if !state.config.driver_loaded {
+        return ERROR_DRIVER_NOT_LOADED;
+    }
     // SAFETY: checked non-null; caller guarantees validity.
     unsafe { count.write(state.gpus().len() as c_uint) };
     SUCCESS
