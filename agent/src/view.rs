@@ -170,13 +170,13 @@ pub fn health(r: &HealthReport) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<22}{:<10}for {} s",
+            "{:<28}{:<10}for {} s",
             c.component,
             state,
             now.saturating_sub(c.since_unix)
         );
         for reason in &c.reasons {
-            let _ = writeln!(out, "{:<22}  {reason}", "");
+            let _ = writeln!(out, "{:<28}  {reason}", "");
         }
     }
     if !r.events.is_empty() {

@@ -275,7 +275,7 @@ impl Site {
              [tpm]\ntcti = \"{tcti}\"\nprobe_interval_secs = 5\nek_algorithm = \"{alg}\"\n\n\
              [fleet]\nurl = \"{url}\"\nca_file = \"{ca}\"\ncheck_interval_secs = 1\ntimeout_secs = 3\n\
              provisioning_paths = [\"{provision}\"]\ndiscover_srv = false\nretry_min_secs = 1\nretry_max_secs = 10\n\n\
-             [hardware]\nsys_root = \"{sysroot}\"\nnvml_library = \"{nvml}\"\npoll_interval_secs = {poll}\n\n\
+             [hardware]\nsys_root = \"{sysroot}\"\nnvml_library = \"{nvml}\"\npoll_interval_secs = {poll}\nnvme_interval_secs = {poll}\n\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             dir = dir.display(),
             data = dir.join("agent/data").display(),

@@ -80,6 +80,7 @@ fn start_node_exporter(
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::process::Command::new("curl")
         .args(["-fsS", "-o", "/dev/null", &url])
+        .stderr(std::process::Stdio::null())
         .status()
         .map(|s| !s.success())
         .unwrap_or(true)
@@ -171,7 +172,7 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
         "us",
     );
 
-    // Idle cost with 8 GPUs, 8 NVMe drives, 1 s hardware polling and a 1 s fleet check.
+    // Idle cost with 8 GPUs, 8 NVMe drives (SMART read every poll), 1 s hardware polling and a 1 s fleet check.
     let pid = site.env.cairnd_pid;
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let window = Duration::from_secs(10);
@@ -227,7 +228,7 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
     );
 
     // CPU per /metrics scrape, cairnd beside node_exporter reading the same fake tree (hwmon, RAPL).
-    let scrapes = 300;
+    let scrapes = 1000;
     let cairnd_ms = scrape_cpu_ms(pid, &site.env.metrics_url, scrapes)?;
     fig("cairnd_cpu_per_scrape", cairnd_ms, "ms");
     if let Some((ne_pid, url, mut child)) = start_node_exporter(&dir.join("sysroot"))? {

@@ -1,6 +1,7 @@
 //! cairn-sim: start, stop and poke a simulated site (see the `cairn_sim` crate docs).
 //! `just sim-up DIR` and `just sim-down DIR` call this.
 
+use cairn_sim::nvme_fixtures::DriveCondition;
 use cairn_sim::{Site, SiteOptions, Trust};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -33,6 +34,12 @@ enum Cmd {
         /// (pending until `cairn-fleet devices approve`).
         #[arg(long, default_value = "ek-cert", value_parser = ["ek-cert", "allow-list", "operator"])]
         trust: String,
+        /// Give NVMe drive N a worn-out SMART log (95 % used); repeatable.
+        #[arg(long = "worn-drive", value_name = "N")]
+        worn: Vec<usize>,
+        /// Give NVMe drive N a failing SMART log (critical warnings, spare below threshold); repeatable.
+        #[arg(long = "failing-drive", value_name = "N")]
+        failing: Vec<usize>,
     },
     /// Stop everything `up` started in DIR.
     Down { dir: PathBuf },
@@ -50,6 +57,8 @@ fn main() -> ExitCode {
             nvme,
             ek,
             trust,
+            worn,
+            failing,
         } => {
             let mut opts = SiteOptions {
                 gpu_profile: gpus,
@@ -62,6 +71,11 @@ fn main() -> ExitCode {
                 ..SiteOptions::default()
             };
             opts.tree.nvme_drives = nvme;
+            opts.tree.nvme_conditions = worn
+                .into_iter()
+                .map(|n| (n, DriveCondition::Worn))
+                .chain(failing.into_iter().map(|n| (n, DriveCondition::Failing)))
+                .collect();
             Site::up(&dir, &opts).map(|site| {
                 print!(
                     "{}",
