@@ -113,13 +113,21 @@ impl HealthBoard {
             .map(|c| c.component.clone())
             .collect();
         for component in gone {
-            self.components.remove(&component);
+            let was = self.components.remove(&component).map(|c| c.state);
+            // A placeholder that was not ok going away (NVML back, UPS reachable again) is a recovery.
+            let (severity, message) = match was {
+                Some(HealthState::Ok) | None => (Severity::Warning, "no longer seen".to_owned()),
+                Some(s) => (
+                    Severity::Info,
+                    format!("{} → resolved (no longer reported)", s.as_str()),
+                ),
+            };
             sink.event(Event {
                 at_unix_ms,
                 component,
                 kind: "health".into(),
-                severity: Severity::Warning,
-                message: "no longer seen".into(),
+                severity,
+                message,
             });
         }
     }
@@ -173,13 +181,23 @@ pub fn judge_gpus(
             return vec![j];
         }
     };
+    let key = |uuid: &str, index: u32| {
+        if uuid.is_empty() {
+            format!("#{index}")
+        } else {
+            uuid.to_owned()
+        }
+    };
     for x in &reading.xids {
         if t.gpu_failed_xids.contains(&x.xid) {
-            sticky.entry(x.uuid.clone()).or_default().insert(format!(
-                "XID {} ({}): drain the GPU and reset it, or replace it",
-                x.xid,
-                xid_meaning(x.xid)
-            ));
+            sticky
+                .entry(key(&x.uuid, x.gpu))
+                .or_default()
+                .insert(format!(
+                    "XID {} ({}): drain the GPU and reset it, or replace it",
+                    x.xid,
+                    xid_meaning(x.xid)
+                ));
         }
     }
     reading
@@ -195,7 +213,7 @@ pub fn judge_gpus(
                 };
                 j.find(state, p.clone());
             }
-            for reason in sticky.get(&g.uuid).into_iter().flatten() {
+            for reason in sticky.get(&key(&g.uuid, g.index)).into_iter().flatten() {
                 j.find(HealthState::Failed, reason.clone());
             }
             if let Some(c) = g.temperature_c {
@@ -217,10 +235,12 @@ pub fn judge_gpus(
                     );
                 }
             }
+            // The aggregate count lives as long as the board: a GPU that once had a double-bit error and was
+            // repaired by row remapping would otherwise be failed forever. Live DBEs arrive as XID 48/94/95.
             if let Some(n) = g.ecc_dbe_total.filter(|&n| n > 0) {
                 j.find(
-                    HealthState::Failed,
-                    format!("{n} uncorrectable (double-bit) ECC errors: results cannot be trusted; drain and replace"),
+                    HealthState::Degraded,
+                    format!("{n} uncorrectable (double-bit) ECC errors over the GPU's life: watch for XIDs 48/94/95"),
                 );
             }
             if let Some(r) = &g.remapped_rows {
@@ -284,15 +304,6 @@ pub fn judge_power(p: &PowerReading, t: &HealthConfig) -> Vec<Judgement> {
                 );
             }
         }
-        for fan in &chip.fans {
-            if fan.rpm == Some(0.0) {
-                let what = fan.label.clone().unwrap_or_else(|| fan.sensor.clone());
-                j.find(
-                    HealthState::Degraded,
-                    format!("{what} reports 0 RPM: check the fan"),
-                );
-            }
-        }
         out.push(j);
     }
     for zone in &p.rapl {
@@ -320,6 +331,12 @@ pub fn judge_power(p: &PowerReading, t: &HealthConfig) -> Vec<Judgement> {
         Some(Ok(ups)) => {
             let mut j = Judgement::new(format!("ups {}", ups.ups), "power");
             let runtime = ups.battery_runtime_secs;
+            if ups.has_flag("FSD") {
+                j.find(
+                    HealthState::Failed,
+                    "the UPS has ordered a forced shutdown: the site is about to lose power",
+                );
+            }
             if ups.low_battery() {
                 j.find(
                     HealthState::Failed,
@@ -528,9 +545,19 @@ mod tests {
         lost.find(HealthState::Unknown, "no temperature");
         lost.find(HealthState::Failed, "lost");
         assert_eq!(lost.state, HealthState::Failed, "failed outranks unknown");
+        // A component that was not ok going away is a recovery; one that was ok going away is a warning.
         board.update("gpu", vec![ok("gpu 0")], &sink);
-        let events = sink.recent_events();
-        assert_eq!(events.last().unwrap().message, "no longer seen");
-        assert_eq!(board.report().len(), 1);
+        let last = sink.recent_events().pop().unwrap();
+        assert_eq!(
+            (last.message.as_str(), last.severity),
+            ("degraded → resolved (no longer reported)", Severity::Info)
+        );
+        board.update("gpu", vec![], &sink);
+        let last = sink.recent_events().pop().unwrap();
+        assert_eq!(
+            (last.message.as_str(), last.severity),
+            ("no longer seen", Severity::Warning)
+        );
+        assert!(board.report().is_empty());
     }
 }

@@ -197,7 +197,7 @@ mod tests {
 }
 
 /// A component's health as the agent judges it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthState {
     Ok,
@@ -223,9 +223,10 @@ impl HealthState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentHealth {
-    /// "gpu 3", "nvme0", "ups", "hwmon coretemp", …
+    /// "gpu 3", "gpus" (when NVML is unavailable), "nvme0", "hwmon coretemp (hwmon0)", "rapl intel-rapl:0",
+    /// "psu", "ups <name>".
     pub component: String,
-    /// "gpu", "nvme", "power", "ups", "thermal".
+    /// "gpu", "nvme" or "power".
     pub kind: String,
     pub state: HealthState,
     /// Why it is not ok, one sentence each; empty when ok.
@@ -243,7 +244,7 @@ pub enum Severity {
     Critical,
 }
 
-/// Something that happened at a moment: a health transition, an XID, a drive reporting a critical warning.
+/// Something that happened at a moment: a health transition or an XID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Event {

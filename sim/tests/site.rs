@@ -100,8 +100,8 @@ fn site_comes_up_reports_everything_and_goes_down_clean() {
     );
 
     // /metrics is valid exposition format. promtool's only complaints may be the upstream exporters' own
-    // naming, kept for dashboard compatibility: dcgm-exporter's camelCase labels (UUID, modelName, Hostname),
-    // and dcgm-exporter's and smartctl_exporter's counters without a _total suffix.
+    // naming, kept for dashboard compatibility: dcgm-exporter's camelCase label `modelName`, and dcgm-exporter's
+    // and smartctl_exporter's counter names (no _total, "_count" in a name, "counter" in a name).
     let metrics = fetch(&site.env.metrics_url);
     assert!(metrics.contains("cairn_gpus 8"), "{metrics}");
     assert_eq!(metrics.matches("DCGM_FI_DEV_GPU_TEMP{").count(), 8);
