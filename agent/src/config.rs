@@ -26,6 +26,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub health: HealthConfig,
     pub power: PowerConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +84,31 @@ pub struct HardwareConfig {
     pub poll_interval_secs: u64,
     /// How often NVMe SMART logs are read (each is an admin command to the drive).
     pub nvme_interval_secs: u64,
+}
+
+/// The telemetry spool (`<data_dir>/spool`) and its uplink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Disk budget of the spool; over it, old samples are thinned, then dropped, events last.
+    pub budget_bytes: u64,
+    /// Group commit: records become durable at most this long after they are produced.
+    pub flush_interval_ms: u64,
+    /// Most records in one signed batch.
+    pub batch_records: usize,
+    /// Upload bandwidth cap in bytes per second; 0 for none.
+    pub max_bytes_per_sec: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            budget_bytes: 1 << 30,
+            flush_interval_ms: 100,
+            batch_records: 50_000,
+            max_bytes_per_sec: 0,
+        }
+    }
 }
 
 /// Power sources beyond sysfs.
@@ -471,6 +497,9 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("fleet.timeout_secs", c.fleet.timeout_secs),
         ("hardware.poll_interval_secs", c.hardware.poll_interval_secs),
         ("hardware.nvme_interval_secs", c.hardware.nvme_interval_secs),
+        ("telemetry.flush_interval_ms", c.telemetry.flush_interval_ms),
+        ("telemetry.budget_bytes", c.telemetry.budget_bytes),
+        ("telemetry.batch_records", c.telemetry.batch_records as u64),
         ("fleet.retry_min_secs", c.fleet.retry_min_secs),
     ] {
         if secs == 0 {

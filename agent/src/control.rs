@@ -90,6 +90,9 @@ pub struct Context {
     pub attest: Option<mpsc::Sender<AttestNow>>,
     /// Where recent events are kept.
     pub sink: LocalSink,
+    /// The telemetry spool, when it opened, and the uplink's last word.
+    pub spool: Option<std::sync::Arc<crate::spool::Spool>>,
+    pub uplink: std::sync::Arc<std::sync::Mutex<crate::forward::UplinkState>>,
 }
 
 pub async fn serve(listener: UnixListener, ctx: Context) {
@@ -164,6 +167,10 @@ async fn answer(line: &str, ctx: &Context) -> Response {
     }
     match req.command {
         Command::Status => Response::Status(Box::new(ctx.board.snapshot())),
+        Command::Telemetry => {
+            let uplink = ctx.uplink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            Response::Telemetry(crate::forward::status(ctx.spool.as_deref(), &uplink))
+        }
         Command::Health => Response::Health(HealthReport {
             components: ctx.board.snapshot().health,
             events: ctx.sink.recent_events(),

@@ -61,6 +61,27 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     );
 
     let sink = crate::telemetry::LocalSink::default();
+    // The spool is where telemetry survives outages; without it the agent still runs and says why.
+    let spool = match crate::spool::Spool::open(
+        &config.agent.data_dir.join("spool"),
+        crate::spool::SpoolConfig {
+            budget_bytes: config.telemetry.budget_bytes,
+            flush_interval: Duration::from_millis(config.telemetry.flush_interval_ms),
+            ..crate::spool::SpoolConfig::default()
+        },
+    ) {
+        Ok(s) => Some(std::sync::Arc::new(s)),
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "telemetry spool unavailable; telemetry is not kept");
+            None
+        }
+    };
+    let uplink_state =
+        std::sync::Arc::new(std::sync::Mutex::new(crate::forward::UplinkState::default()));
+    let collector_sink = crate::forward::SpoolSink {
+        local: sink.clone(),
+        spool: spool.clone(),
+    };
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
@@ -78,7 +99,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let hw = {
         let board = board.clone();
-        let sink = sink.clone();
+        let sink = collector_sink.clone();
         let interval = Duration::from_secs(config.hardware.poll_interval_secs);
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
@@ -196,12 +217,29 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                 (None, None)
             }
         };
+    let forward_task = match &spool {
+        Some(spool) => match crate::forward::Forwarder::new(
+            &config,
+            spool.clone(),
+            board.clone(),
+            uplink_state.clone(),
+        ) {
+            Ok(f) => Some(tokio::spawn(f.run(shutdown_tx.subscribe()))),
+            Err(reason) => {
+                tracing::error!(%reason, "telemetry uplink cannot start");
+                None
+            }
+        },
+        None => None,
+    };
     let control_task = tokio::spawn(control::serve(
         listener,
         control::Context {
             board: board.clone(),
             attest: attest_tx,
             sink: sink.clone(),
+            spool: spool.clone(),
+            uplink: uplink_state.clone(),
         },
     ));
     let metrics_task = tokio::spawn(metrics::serve(
@@ -256,6 +294,9 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         // It stops between TPM commands; a blocking TPM call already running finishes on its own thread.
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
+    if let Some(t) = forward_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     metrics_task.abort();
     fleet_task.abort();
     notify_task.abort();
@@ -266,6 +307,12 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     // The hardware thread wakes at once on the closed channel unless it is inside a call (NVML, TPM): wait
     // for it so the TPM is never left mid-command.
     let _ = tokio::task::spawn_blocking(move || hw.join()).await;
+    if let Some(spool) = &spool {
+        // Whatever the collectors produced up to the last poll is made durable before exit.
+        if let Err(e) = spool.flush() {
+            tracing::warn!(error = %crate::error_chain(&e), "final spool flush failed");
+        }
+    }
     let _ = std::fs::remove_file(&config.agent.control_socket);
     tracing::info!("stopped");
     Ok(())

@@ -224,10 +224,27 @@ impl FleetClient {
             reason: e.to_string(),
         })?;
         let answer = self
-            .exchange(hyper::Method::POST, path, Some(bytes))
+            .exchange(hyper::Method::POST, path, Some((bytes, "application/json")))
             .await?;
         serde_json::from_slice(&answer).map_err(|e| UplinkError::Body {
             authority,
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// POSTs raw bytes of `content_type` and reads a JSON answer.
+    pub async fn post_bytes<R: serde::de::DeserializeOwned>(
+        &self,
+        path: &'static str,
+        content_type: &'static str,
+        body: Vec<u8>,
+    ) -> Result<R, UplinkError> {
+        let answer = self
+            .exchange(hyper::Method::POST, path, Some((body, content_type)))
+            .await?;
+        serde_json::from_slice(&answer).map_err(|e| UplinkError::Body {
+            authority: self.url.authority(),
             path,
             reason: e.to_string(),
         })
@@ -250,7 +267,7 @@ impl FleetClient {
         &self,
         method: hyper::Method,
         path: &'static str,
-        body: Option<Vec<u8>>,
+        body: Option<(Vec<u8>, &'static str)>,
     ) -> Result<Bytes, UplinkError> {
         let authority = self.url.authority();
         let secs = self.timeout.as_secs();
@@ -263,7 +280,7 @@ impl FleetClient {
         &self,
         method: hyper::Method,
         path: &'static str,
-        body: Option<Vec<u8>>,
+        body: Option<(Vec<u8>, &'static str)>,
     ) -> Result<Bytes, UplinkError> {
         let authority = self.url.authority();
         let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
@@ -294,8 +311,8 @@ impl FleetClient {
             })?;
         let conn = tokio::spawn(conn);
         let mut req = hyper::Request::builder().method(method).uri(path);
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some((_, content_type)) = &body {
+            req = req.header(hyper::header::CONTENT_TYPE, *content_type);
         }
         let req = req
             .header(hyper::header::HOST, &authority)
@@ -303,7 +320,9 @@ impl FleetClient {
                 hyper::header::USER_AGENT,
                 concat!("cairnd/", env!("CARGO_PKG_VERSION")),
             )
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(
+                body.map(|(bytes, _)| bytes).unwrap_or_default(),
+            )))
             .map_err(|e| UplinkError::Body {
                 authority: authority.clone(),
                 path,

@@ -1,6 +1,8 @@
 //! The status in words, for people: what `cairnctl status` prints.
 
-use cairn_proto::control::{ComponentStatus, HealthReport, HealthState, OnboardingStatus, Status};
+use cairn_proto::control::{
+    ComponentStatus, HealthReport, HealthState, OnboardingStatus, Status, TelemetryStatus,
+};
 use std::fmt::Write;
 
 fn line<T>(out: &mut String, label: &str, c: &ComponentStatus<T>, ok: impl Fn(&T) -> String) {
@@ -192,6 +194,47 @@ pub fn health(r: &HealthReport) -> String {
                 e.message
             );
         }
+    }
+    out
+}
+
+/// `cairnctl telemetry`.
+pub fn telemetry(t: &TelemetryStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "spool      {} records unsent{}; {:.1} MiB of {:.0} MiB budget",
+        t.depth,
+        t.oldest_unsent_age_secs
+            .map(|a| format!(", oldest {a} s old"))
+            .unwrap_or_default(),
+        t.bytes_used as f64 / (1 << 20) as f64,
+        t.budget_bytes as f64 / (1 << 20) as f64
+    );
+    let _ = writeln!(
+        out,
+        "sequence   durable up to {}, acknowledged up to {}",
+        t.durable_seq, t.acked_seq
+    );
+    let _ = writeln!(
+        out,
+        "drops      {} samples thinned, {} samples dropped, {} events dropped",
+        t.thinned_samples, t.dropped_samples, t.dropped_events
+    );
+    match (&t.last_upload, t.last_upload_unix) {
+        (Some(what), Some(at)) => {
+            let _ = writeln!(
+                out,
+                "upload     {} s ago: {what}",
+                crate::status::now_unix().saturating_sub(at)
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "upload     none yet");
+        }
+    }
+    if let Some(w) = &t.waiting_for {
+        let _ = writeln!(out, "waiting    {w}");
     }
     out
 }

@@ -48,6 +48,8 @@ fn ctx() -> control::Context {
         board: board(),
         attest: None,
         sink: cairn_agent::telemetry::LocalSink::default(),
+        spool: None,
+        uplink: Default::default(),
     }
 }
 

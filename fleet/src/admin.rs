@@ -15,16 +15,31 @@ const MAX_LINE: u64 = 16 * 1024 * 1024;
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminRequest {
     List,
-    Approve { id: String },
-    Forget { id: String },
+    /// Telemetry received per device: sequence ranges (gaps visible), counts, refusals.
+    Telemetry,
+    Approve {
+        id: String,
+    },
+    Forget {
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminResponse {
-    Devices { devices: Vec<DeviceRecord> },
-    Done { message: String },
-    Error { message: String },
+    Devices {
+        devices: Vec<DeviceRecord>,
+    },
+    Telemetry {
+        devices: std::collections::BTreeMap<String, crate::ingest::DeviceTelemetry>,
+    },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +86,12 @@ pub fn apply(store: &mut Store, req: &AdminRequest) -> Result<AdminResponse, Sto
         AdminRequest::List => AdminResponse::Devices {
             devices: store.devices.values().cloned().collect(),
         },
+        AdminRequest::Telemetry => match crate::ingest::read_index(&store_dir(store)) {
+            Ok(devices) => AdminResponse::Telemetry { devices },
+            Err(e) => AdminResponse::Error {
+                message: crate::error_chain(&e),
+            },
+        },
         AdminRequest::Approve { id } => match store.devices.get_mut(id) {
             Some(rec) => {
                 if rec.vouched_by.is_none() {
@@ -106,4 +127,8 @@ pub fn apply(store: &mut Store, req: &AdminRequest) -> Result<AdminResponse, Sto
             }
         }
     })
+}
+
+fn store_dir(store: &Store) -> std::path::PathBuf {
+    store.dir().to_owned()
 }

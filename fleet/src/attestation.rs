@@ -703,6 +703,15 @@ impl Attestor {
         }
     }
 
+    /// The telemetry key (uncompressed P-256 point) the AK certified for `device_id`.
+    pub fn telemetry_key(&self, device_id: &str) -> Option<Vec<u8>> {
+        self.store
+            .devices
+            .get(device_id)
+            .and_then(|d| d.telemetry_key.as_ref())
+            .map(|k| k.0.clone())
+    }
+
     pub fn desired_state(&self, device_id: &str) -> DesiredState {
         DesiredState {
             device_id: device_id.to_owned(),

@@ -39,6 +39,14 @@ enum Cmd {
         #[command(flatten)]
         policy: PolicyArgs,
     },
+    /// Telemetry received per device: sequence ranges per boot (gaps visible), counts, refused batches by
+    /// reason. Works whether or not `serve` runs on the same --state.
+    Telemetry {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// List devices, or approve or forget one. Works whether or not `serve` runs on the same --state.
     Devices {
         /// The fleet's state directory (the same as `serve --state`).
@@ -157,6 +165,54 @@ impl PolicyArgs {
     }
 }
 
+fn telemetry(state: &std::path::Path, json: bool) -> ExitCode {
+    let resp = match admin::run(state, &AdminRequest::Telemetry) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cairn-fleet: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let devices = match resp {
+        AdminResponse::Telemetry { devices } => devices,
+        AdminResponse::Error { message } => {
+            eprintln!("cairn-fleet: {message}");
+            return ExitCode::FAILURE;
+        }
+        other => {
+            eprintln!("cairn-fleet: unexpected answer {other:?}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        return match serde_json::to_string_pretty(&devices) {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cairn-fleet: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    for (id, d) in &devices {
+        println!(
+            "{id}\n  batches {}  samples {}  events {}  duplicates {}",
+            d.batches, d.samples, d.events, d.duplicates
+        );
+        for (boot, ranges) in &d.ranges {
+            let text: Vec<String> = ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+            let gaps = ranges.len().saturating_sub(1);
+            println!("  boot {boot}: {} ({gaps} gap(s))", text.join(", "));
+        }
+        for (code, n) in &d.refused {
+            println!("  refused {code}: {n}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) -> ExitCode {
     let req = match action {
         None => AdminRequest::List,
@@ -204,6 +260,10 @@ fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) ->
             }
             ExitCode::SUCCESS
         }
+        AdminResponse::Telemetry { .. } => {
+            eprintln!("cairn-fleet: unexpected telemetry answer");
+            ExitCode::FAILURE
+        }
         AdminResponse::Done { message } => {
             println!("{message}");
             ExitCode::SUCCESS
@@ -221,6 +281,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let (listen, state, names, ready_file, policy) = match Args::parse().command {
+        Cmd::Telemetry { state, json } => return telemetry(&state, json),
         Cmd::Devices {
             state,
             json,

@@ -3,6 +3,7 @@
 
 use crate::admin::{AdminRequest, AdminResponse, ADMIN_SOCKET};
 use crate::attestation::{Attestor, BadRequest, Policy};
+use crate::ingest::Ingest;
 use crate::pki::{self, PkiError};
 use crate::store::{self, Store, StoreError, StoreLock};
 use cairn_proto::fleet::{
@@ -10,6 +11,7 @@ use cairn_proto::fleet::{
     ATTEST_PATH, CHALLENGE_PATH, DESIRED_STATE_PATH, ENROLL_PATH, FLEET_PROTOCOL_VERSION,
     INFO_PATH,
 };
+use cairn_proto::telemetry::TELEMETRY_PATH;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -31,6 +33,8 @@ pub enum ServeError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
     #[error("another cairn-fleet serves {0}; stop it first (its admin commands work meanwhile)")]
     Busy(PathBuf),
     #[error("cannot open the admin socket {path}")]
@@ -67,6 +71,7 @@ pub struct Fleet {
     admin: tokio::net::UnixListener,
     acceptor: tokio_rustls::TlsAcceptor,
     attestor: Arc<Mutex<Attestor>>,
+    ingest: Arc<Mutex<Ingest>>,
     _lock: StoreLock,
     pub local_addr: SocketAddr,
 }
@@ -95,6 +100,7 @@ impl Fleet {
         let lock =
             store::try_lock(&opts.state)?.ok_or_else(|| ServeError::Busy(opts.state.clone()))?;
         let store = Store::open(&opts.state, &lock)?;
+        let ingest = Ingest::open(&opts.state)?;
         let id = pki::load_or_create(&opts.state, &names)?;
         let certs: Vec<_> = rustls_pemfile::certs(&mut id.cert_pem.as_bytes())
             .collect::<Result<_, _>>()
@@ -153,6 +159,7 @@ impl Fleet {
             admin,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             attestor: Arc::new(Mutex::new(Attestor::new(opts.policy.clone(), store, id))),
+            ingest: Arc::new(Mutex::new(ingest)),
             _lock: lock,
             local_addr,
         })
@@ -162,6 +169,7 @@ impl Fleet {
     pub async fn serve(self) {
         tokio::spawn(serve_admin(self.admin, self.attestor.clone()));
         let attestor = self.attestor;
+        let ingest = self.ingest;
         let _lock = self._lock;
         loop {
             let (tcp, peer) = match self.listener.accept().await {
@@ -174,6 +182,7 @@ impl Fleet {
             };
             let acceptor = self.acceptor.clone();
             let attestor = attestor.clone();
+            let ingest = ingest.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(
                     std::time::Duration::from_secs(10),
@@ -191,8 +200,9 @@ impl Fleet {
                 let serial = client_serial(&tls);
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let attestor = attestor.clone();
+                    let ingest = ingest.clone();
                     let serial = serial.clone();
-                    async move { Ok::<_, hyper::Error>(route(req, attestor, serial).await) }
+                    async move { Ok::<_, hyper::Error>(route(req, attestor, ingest, serial).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
@@ -250,6 +260,20 @@ fn bad_request(e: BadRequest) -> Response<Full<Bytes>> {
 /// An answer that ends a request early (boxed: responses are large next to the values they stand in for).
 type Early = Box<Response<Full<Bytes>>>;
 
+async fn raw_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Early> {
+    Ok(Limited::new(req.into_body(), max)
+        .collect()
+        .await
+        .map_err(|e| {
+            Box::new(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body could not be read: {e}"),
+            ))
+        })?
+        .to_bytes())
+}
+
 async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Early> {
     let bytes = Limited::new(req.into_body(), MAX_REQUEST_BYTES)
         .collect()
@@ -298,6 +322,7 @@ fn mtls_device(attestor: &Shared, serial: Option<&[u8]>) -> Result<String, Early
 async fn route(
     req: Request<Incoming>,
     attestor: Shared,
+    ingest: Arc<Mutex<Ingest>>,
     serial: Option<Vec<u8>>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
@@ -347,6 +372,33 @@ async fn route(
             match lock(&attestor).attest(&device, &r) {
                 Ok(v) => json(StatusCode::OK, &v),
                 Err(e) => bad_request(e),
+            }
+        }
+        (&hyper::Method::POST, TELEMETRY_PATH) => {
+            let device = or_return!(mtls_device(&attestor, serial));
+            let Some(key) = lock(&attestor).telemetry_key(&device) else {
+                return error(
+                    StatusCode::CONFLICT,
+                    "no_telemetry_key",
+                    format!("device {device} has no certified telemetry key; enrol again"),
+                );
+            };
+            let body = or_return!(raw_body(req, cairn_proto::telemetry::MAX_SIGNED_BYTES).await);
+            let mut ingest = ingest.lock().unwrap_or_else(|p| p.into_inner());
+            match ingest.accept(&device, &key, &body) {
+                Ok(Ok(ack)) => json(StatusCode::OK, &ack),
+                Ok(Err(r)) => {
+                    let status = if r.code == "telemetry_malformed" {
+                        StatusCode::BAD_REQUEST
+                    } else {
+                        StatusCode::FORBIDDEN
+                    };
+                    error(status, r.code, r.message)
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "telemetry ingest failed");
+                    error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                }
             }
         }
         (&hyper::Method::GET, DESIRED_STATE_PATH) => {

@@ -181,6 +181,11 @@ impl Store {
         Ok(Store { path, devices })
     }
 
+    /// The state directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// Writes the whole store to a temporary file, syncs it, and renames it over the old one, so a crash
     /// leaves either the old or the new store, never half of one.
     pub fn save(&self) -> Result<(), StoreError> {

@@ -25,6 +25,8 @@ pub enum Command {
     Attest,
     /// The health model: every component's state and reasons, and the recent events.
     Health,
+    /// The telemetry spool and its uplink.
+    Telemetry,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +35,7 @@ pub enum Response {
     Status(Box<Status>),
     Attest(OnboardingStatus),
     Health(HealthReport),
+    Telemetry(TelemetryStatus),
     Error { message: String },
 }
 
@@ -263,4 +266,26 @@ pub struct HealthReport {
     pub components: Vec<ComponentHealth>,
     /// The most recent events, oldest first (the agent keeps a bounded number).
     pub events: Vec<Event>,
+}
+
+/// The telemetry spool and its uplink, as `cairnctl telemetry` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryStatus {
+    /// Records stored and not yet acknowledged by the fleet.
+    pub depth: u64,
+    /// Age of the oldest unacknowledged record.
+    pub oldest_unsent_age_secs: Option<u64>,
+    pub bytes_used: u64,
+    pub budget_bytes: u64,
+    pub durable_seq: u64,
+    pub acked_seq: u64,
+    pub thinned_samples: u64,
+    pub dropped_samples: u64,
+    pub dropped_events: u64,
+    /// The last upload attempt: when, and "ok: …" or the error.
+    pub last_upload_unix: Option<u64>,
+    pub last_upload: Option<String>,
+    /// Why nothing is sent right now, if so (not onboarded, spool unavailable…).
+    pub waiting_for: Option<String>,
 }

@@ -2,7 +2,8 @@
 //!
 //! Two protocols live here, each versioned on its own:
 //! - [`control`]: the local control socket between `cairnctl` and `cairnd` (JSON lines over a Unix socket);
-//! - [`fleet`]: the agent-initiated HTTPS protocol between a device and its fleet backend.
+//! - [`fleet`]: the agent-initiated HTTPS protocol between a device and its fleet backend;
+//!   [`telemetry`] holds its signed telemetry batches (CBOR in COSE_Sign1).
 //!
 //! Every type that crosses a process boundary denies unknown fields, so a peer speaking a newer version is told
 //! so instead of being half-understood. A new field is a new protocol version.
@@ -10,3 +11,4 @@
 pub mod control;
 pub mod eventlog;
 pub mod fleet;
+pub mod telemetry;

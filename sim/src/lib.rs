@@ -13,6 +13,7 @@ pub mod measured_boot;
 pub mod nvme_fixtures;
 pub mod process;
 pub mod site;
+pub mod spool_torture;
 pub mod sysfs_tree;
 
 pub use site::{Site, SiteError, SiteOptions, Trust};

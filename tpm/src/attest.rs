@@ -87,6 +87,25 @@ pub struct AkBlob {
 /// A key blob of an AK-certified key (device key, telemetry key): same layout as the AK's.
 pub type KeyBlob = AkBlob;
 
+impl AkBlob {
+    /// The uncompressed point (0x04 || x || y) of an ECC P-256 key; None for other keys.
+    pub fn ecc_point(&self) -> Option<Vec<u8>> {
+        match Public::unmarshall(&self.public).ok()? {
+            Public::Ecc { unique, .. } => {
+                let (x, y) = (unique.x().value(), unique.y().value());
+                if x.len() != 32 || y.len() != 32 {
+                    return None;
+                }
+                let mut p = vec![4u8];
+                p.extend_from_slice(x);
+                p.extend_from_slice(y);
+                Some(p)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A quote in the files `tpm2_checkquote -u ak.pub -m quote.msg -s quote.sig -f quote.pcrs -g sha256 -q NONCE` reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuoteFiles {

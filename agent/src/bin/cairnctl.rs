@@ -51,6 +51,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The telemetry spool: depth, oldest unsent age, bytes used, drops, last upload.
+    Telemetry {
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running agent to attest to the fleet now (enrolling first if needed) and print the verdict.
     /// Exit code 0 when the fleet trusts the device, 1 otherwise.
     Attest {
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
         Cmd::Quote { nonce, pcrs, out } => quote(args.config, nonce, pcrs, out),
         Cmd::Attest { json } => attest(args.config, args.socket, *json),
         Cmd::Health { json } => health(args.config, args.socket, *json),
+        Cmd::Telemetry { json } => telemetry(args.config, args.socket, *json),
     }
 }
 
@@ -81,6 +87,38 @@ fn control_failure(e: ControlError) -> ExitCode {
     match e {
         ControlError::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
         _ => ExitCode::FAILURE,
+    }
+}
+
+fn telemetry(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let socket = match socket_path(config_path, socket) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match control::request(&socket, Command::Telemetry, Duration::from_secs(10)) {
+        Ok(Response::Telemetry(t)) => {
+            if json {
+                match serde_json::to_string_pretty(&t) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("cairnctl: cannot print the telemetry status: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", view::telemetry(&t));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("cairnctl: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(other) => {
+            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => control_failure(e),
     }
 }
 
