@@ -98,6 +98,8 @@ pub struct TelemetryConfig {
     pub batch_records: usize,
     /// Upload bandwidth cap in bytes per second; 0 for none.
     pub max_bytes_per_sec: u64,
+    /// Once caught up, seconds between uploads (a backlog is sent without pause).
+    pub upload_interval_secs: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -107,6 +109,7 @@ impl Default for TelemetryConfig {
             flush_interval_ms: 100,
             batch_records: 50_000,
             max_bytes_per_sec: 0,
+            upload_interval_secs: 10,
         }
     }
 }
@@ -498,6 +501,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("hardware.poll_interval_secs", c.hardware.poll_interval_secs),
         ("hardware.nvme_interval_secs", c.hardware.nvme_interval_secs),
         ("telemetry.flush_interval_ms", c.telemetry.flush_interval_ms),
+        (
+            "telemetry.upload_interval_secs",
+            c.telemetry.upload_interval_secs,
+        ),
         ("telemetry.budget_bytes", c.telemetry.budget_bytes),
         ("telemetry.batch_records", c.telemetry.batch_records as u64),
         ("fleet.retry_min_secs", c.fleet.retry_min_secs),

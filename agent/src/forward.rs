@@ -139,7 +139,7 @@ impl std::fmt::Debug for Forwarder {
 }
 
 /// Errors worth a retry later, as one sentence.
-type Attempt = Result<Option<BatchAck>, String>;
+type Attempt = Result<Option<(BatchAck, bool)>, String>;
 
 impl Forwarder {
     pub fn new(
@@ -166,20 +166,23 @@ impl Forwarder {
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut failures = 0u32;
         loop {
+            let interval = Duration::from_secs(self.config.telemetry.upload_interval_secs);
             let wait = match self.once().await {
-                Ok(Some(ack)) => {
+                // A full batch: a backlog is draining, send the next one at once.
+                Ok(Some((ack, true))) => {
                     failures = 0;
-                    self.set(|s| {
-                        s.last_upload_unix = Some(now_unix());
-                        s.last_upload = Some(format!(
-                            "ok: acknowledged up to {} ({} duplicates)",
-                            ack.acked_up_to, ack.duplicates
-                        ));
-                        s.waiting_for = None;
-                    });
+                    self.note_ok(&ack);
                     Duration::ZERO
                 }
-                Ok(None) => Duration::from_secs(1),
+                // Caught up: wait, so one mTLS handshake and one TPM signature carry many polls' records.
+                Ok(Some((ack, false))) => {
+                    failures = 0;
+                    self.note_ok(&ack);
+                    interval
+                }
+                Ok(None) => interval
+                    .min(Duration::from_secs(1))
+                    .max(Duration::from_millis(500)),
                 Err(reason) => {
                     failures = failures.saturating_add(1);
                     let f = &self.config.fleet;
@@ -208,7 +211,19 @@ impl Forwarder {
         }
     }
 
-    /// One batch: Ok(None) when there is nothing to send or the device is not onboarded yet.
+    fn note_ok(&self, ack: &BatchAck) {
+        self.set(|s| {
+            s.last_upload_unix = Some(now_unix());
+            s.last_upload = Some(format!(
+                "ok: acknowledged up to {} ({} duplicates)",
+                ack.acked_up_to, ack.duplicates
+            ));
+            s.waiting_for = None;
+        });
+    }
+
+    /// One batch: Ok(None) when there is nothing to send or the device is not onboarded yet; otherwise the
+    /// fleet's answer and whether the batch was full (more is probably waiting).
     async fn once(&self) -> Attempt {
         let onboarding = self.board.snapshot().onboarding;
         let (Some(device_id), Some(url)) = (onboarding.device_id.clone(), onboarding.fleet_url)
@@ -229,6 +244,7 @@ impl Forwarder {
             .await
             .map_err(|e| format!("the spool task failed: {e}"))?
             .map_err(|e| crate::error_chain(&e))?;
+        let full = records.len() >= max;
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             self.set(|s| s.waiting_for = None);
             return Ok(None);
@@ -293,7 +309,7 @@ impl Forwarder {
         if cap > 0 {
             tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / cap as f64)).await;
         }
-        Ok(Some(ack))
+        Ok(Some((ack, full)))
     }
 }
 

@@ -91,6 +91,8 @@ fn contains(ranges: &[(u64, u64)], seq: u64) -> bool {
 pub struct Ingest {
     dir: PathBuf,
     devices: BTreeMap<String, DeviceTelemetry>,
+    /// Where newly stored samples are re-exported (`serve --remote-write`), if anywhere.
+    exporter: Option<crate::remote_write::Exporter>,
 }
 
 impl Ingest {
@@ -116,7 +118,16 @@ impl Ingest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(IngestError::Read { path, source }),
         };
-        Ok(Ingest { dir, devices })
+        Ok(Ingest {
+            dir,
+            devices,
+            exporter: None,
+        })
+    }
+
+    /// Re-exports every sample stored from now on (duplicates never) through `exporter`.
+    pub fn export_to(&mut self, exporter: crate::remote_write::Exporter) {
+        self.exporter = Some(exporter);
     }
 
     pub fn devices(&self) -> &BTreeMap<String, DeviceTelemetry> {
@@ -243,6 +254,8 @@ impl Ingest {
                 .and_then(|()| write_durable(&file, body))
                 .map_err(|source| IngestError::Write { path: file, source })?;
         }
+        // Remote write: what was known before this batch tells its fresh records from duplicates.
+        let known = self.exporter.is_some().then(|| ranges.clone());
         insert_range(ranges, batch.first_seq, batch.last_seq);
         dev.batches += 1;
         dev.samples += samples;
@@ -254,6 +267,12 @@ impl Ingest {
             *dev.refused.entry("replayed".into()).or_default() += 1;
         }
         self.save()?;
+        if let (Some(exporter), Some(known)) = (&self.exporter, known) {
+            exporter.offer(
+                device_id,
+                batch.records.iter().filter(|r| !contains(&known, r.seq)),
+            );
+        }
         Ok(Ok(BatchAck {
             device_id: device_id.to_owned(),
             boot_id: batch.boot_id,

@@ -10,6 +10,7 @@ pub mod ingest;
 pub mod pki;
 pub mod quote;
 pub mod reference;
+pub mod remote_write;
 pub mod server;
 pub mod store;
 

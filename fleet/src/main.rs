@@ -4,6 +4,7 @@ use cairn_fleet::admin::{self, AdminRequest, AdminResponse};
 use cairn_fleet::attestation::Policy;
 use cairn_fleet::error_chain;
 use cairn_fleet::reference::Reference;
+use cairn_fleet::remote_write::{self, Endpoint, ExportOptions, Exporter};
 use cairn_fleet::server::{Fleet, ServeOptions};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeSet;
@@ -36,6 +37,10 @@ enum Cmd {
         /// Once listening, write the URL here (for scripts that start the fleet on port 0).
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        /// Re-export every newly stored metric sample with Prometheus remote write to this URL, e.g.
+        /// http://127.0.0.1:9090/api/v1/write (plain http only).
+        #[arg(long, value_name = "URL", value_parser = parse_remote_write)]
+        remote_write: Option<Box<Endpoint>>,
         #[command(flatten)]
         policy: PolicyArgs,
     },
@@ -91,6 +96,12 @@ struct PolicyArgs {
     /// Seconds a refused or pending device is told to wait before trying again.
     #[arg(long, default_value_t = 60)]
     retry_after_secs: u64,
+}
+
+fn parse_remote_write(url: &str) -> Result<Box<Endpoint>, String> {
+    Endpoint::parse(url)
+        .map(Box::new)
+        .map_err(|e| e.to_string())
 }
 
 fn read_pem_certs(path: &PathBuf) -> Result<Vec<Vec<u8>>, String> {
@@ -210,6 +221,18 @@ fn telemetry(state: &std::path::Path, json: bool) -> ExitCode {
             println!("  refused {code}: {n}");
         }
     }
+    if let Some(x) = remote_write::read_stats(state) {
+        println!(
+            "remote write to {} (as of unix {})\n  exported {}  queued {}  dropped {}  invalid {}  rejected {}  requests {}  failed requests {}",
+            x.url, x.updated_unix, x.exported, x.queued, x.dropped, x.invalid, x.rejected, x.requests, x.failed_requests
+        );
+        if let Some(e) = &x.last_error {
+            println!(
+                "  last error (unix {}): {e}",
+                x.last_error_unix.unwrap_or(0)
+            );
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -280,7 +303,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let (listen, state, names, ready_file, policy) = match Args::parse().command {
+    let (listen, state, names, ready_file, export_url, policy) = match Args::parse().command {
         Cmd::Telemetry { state, json } => return telemetry(&state, json),
         Cmd::Devices {
             state,
@@ -298,8 +321,9 @@ fn main() -> ExitCode {
             state,
             names,
             ready_file,
+            remote_write,
             policy,
-        } => (listen, state, names, ready_file, policy),
+        } => (listen, state, names, ready_file, remote_write, policy),
     };
     let policy = match policy.policy() {
         Ok(p) => p,
@@ -333,6 +357,16 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        match export_url {
+            Some(endpoint) => match Exporter::start(ExportOptions::new(*endpoint, Some(&state))) {
+                Ok(exporter) => fleet.export_to(exporter),
+                Err(e) => {
+                    eprintln!("cairn-fleet: {}", error_chain(&e));
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => remote_write::forget_stats(&state),
+        }
         let url = format!("https://{}", fleet.local_addr);
         tracing::info!(%url, state = %state.display(), "cairn-fleet serving");
         if let Some(path) = ready_file {

@@ -165,6 +165,14 @@ impl Fleet {
         })
     }
 
+    /// Re-exports the samples ingested from now on with Prometheus remote write (`serve --remote-write`).
+    pub fn export_to(&self, exporter: crate::remote_write::Exporter) {
+        self.ingest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .export_to(exporter);
+    }
+
     /// Serves until the task is dropped. A bad client only ever costs its own connection.
     pub async fn serve(self) {
         tokio::spawn(serve_admin(self.admin, self.attestor.clone()));

@@ -1,7 +1,9 @@
 //! The telemetry spool against kill -9: `cairn-spool-torture` appends and flushes as fast as it can and reports
 //! each durable sequence; it is killed with SIGKILL at random moments, 30 times over the same spool. After each
 //! kill the spool must reopen, hold every record up to the last sequence reported durable (less what the run
-//! itself acknowledged), intact, and hand out only sequences above every earlier one.
+//! itself acknowledged), intact, and hand out only sequences above every earlier one. Every other run has a
+//! budget small enough that the spool compacts itself (copies sled into a new generation and switches
+//! `CURRENT`) while it is being killed.
 //!
 //! SIGKILL loses what the process had not handed to the kernel, not what sits in the page cache: this checks
 //! that sled's log and the spool's counters are consistent at any point of a write, not power loss.
@@ -38,10 +40,15 @@ impl Rng {
     }
 }
 
-fn run_and_kill(spool_dir: &Path, per_flush: u64, delay: Duration) -> Said {
+/// Small enough that sled's files pass it within a run (so the spool compacts), large enough that the records a
+/// run leaves unacknowledged stay under the quota (so nothing is dropped).
+const SMALL_BUDGET: u64 = 2 << 20;
+
+fn run_and_kill(spool_dir: &Path, per_flush: u64, budget: u64, delay: Duration) -> Said {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-spool-torture"))
         .arg(spool_dir)
         .arg(per_flush.to_string())
+        .arg(budget.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -123,9 +130,15 @@ fn the_spool_keeps_every_durable_record_through_kill_9() {
     for round in 0..ROUNDS {
         let per_flush = 1 + rng.below(3000);
         let delay = Duration::from_millis(50 + rng.below(251));
-        let said = run_and_kill(&spool_dir, per_flush, delay);
-        let ctx =
-            format!("round {round} ({per_flush} per flush, killed after {delay:?}, {said:?})");
+        let budget = if round % 2 == 0 {
+            SMALL_BUDGET
+        } else {
+            1 << 30
+        };
+        let said = run_and_kill(&spool_dir, per_flush, budget, delay);
+        let ctx = format!(
+            "round {round} ({per_flush} per flush, budget {budget}, killed after {delay:?}, {said:?})"
+        );
 
         let spool = Spool::open(&spool_dir, SpoolConfig::default())
             .unwrap_or_else(|e| panic!("{ctx}: the spool did not reopen: {e}"));
@@ -199,9 +212,18 @@ fn the_spool_keeps_every_durable_record_through_kill_9() {
         spool.ack(u64::MAX).unwrap();
         drop(spool);
     }
+    let current =
+        std::fs::read_to_string(spool_dir.join(cairn_agent::spool::CURRENT_FILE)).unwrap();
     println!(
-        "{ROUNDS} kills in {:.1} s; {rounds_with_flushes} runs had reported durable records; {checked} records checked",
-        started.elapsed().as_secs_f64()
+        "{ROUNDS} kills in {:.1} s; {rounds_with_flushes} runs had reported durable records; {checked} records \
+         checked; the spool ended in {}",
+        started.elapsed().as_secs_f64(),
+        current.trim()
+    );
+    assert_ne!(
+        current.trim(),
+        "gen-0",
+        "the small-budget runs never compacted"
     );
     assert!(
         rounds_with_flushes >= ROUNDS / 2,

@@ -93,6 +93,89 @@ fn start_node_exporter(
     Ok(Some((child.id(), url, child)))
 }
 
+/// 24 h of 1,000 series at 10 s: written into cairnd's spool while it is stopped (durable append rate, bytes
+/// on disk), then drained to the fleet over mTLS loopback by a restarted cairnd (drain time).
+fn telemetry_bench(
+    site: &mut Site,
+    fig: &mut impl FnMut(&'static str, f64, &'static str),
+) -> Result<(), Box<dyn std::error::Error>> {
+    use cairn_agent::spool::{RecordBody, Spool, SpoolConfig};
+    const SERIES: usize = 1000;
+    const STEPS: usize = 8640;
+    site.stop_cairnd();
+    let spool_dir = site.dir.join("agent/data/spool");
+    let spool = Spool::open(&spool_dir, SpoolConfig::default())?;
+    let before = spool.stats();
+    let labels: Vec<Vec<(String, String)>> = (0..SERIES)
+        .map(|i| {
+            vec![
+                ("gpu".to_owned(), (i % 8).to_string()),
+                (
+                    "UUID".to_owned(),
+                    format!("GPU-c0ffee{:02}-cafe-4000-8000-{:012}", i % 8, i % 8),
+                ),
+                (
+                    "pci_bus_id".to_owned(),
+                    format!("00000000:{:02X}:00.0", 0x18 + i % 8),
+                ),
+                ("modelName".to_owned(), "NVIDIA H100 80GB HBM3".to_owned()),
+                ("Hostname".to_owned(), "site-0042".to_owned()),
+                ("series".to_owned(), (i / 8).to_string()),
+            ]
+        })
+        .collect();
+    let start_ms = 1_790_000_000_000u64;
+    let t = Instant::now();
+    for step in 0..STEPS {
+        let at = start_ms + step as u64 * 10_000;
+        let items = (0..SERIES)
+            .map(|i| {
+                (
+                    at,
+                    RecordBody::Sample {
+                        name: "DCGM_FI_DEV_GPU_TEMP".to_owned(),
+                        labels: labels[i].clone(),
+                        value: 40.0 + ((step + i) % 30) as f64,
+                        counter: false,
+                    },
+                )
+            })
+            .collect();
+        spool.append_many(items)?;
+    }
+    let target = spool.flush()?;
+    let secs = t.elapsed().as_secs_f64();
+    let n = (SERIES * STEPS) as f64;
+    fig("spool_append_durable_samples_per_s", n / secs, "1/s");
+    let after = spool.stats();
+    fig(
+        "spool_bytes_on_disk_per_sample",
+        after.bytes_on_disk.saturating_sub(before.bytes_on_disk) as f64 / n,
+        "B",
+    );
+    drop(spool);
+
+    site.start_cairnd()?;
+    let t = Instant::now();
+    loop {
+        match cairn_agent::control::request(
+            &site.env.control_socket,
+            Command::Telemetry,
+            Duration::from_secs(5),
+        )? {
+            cairn_proto::control::Response::Telemetry(s) if s.acked_seq >= target => break,
+            cairn_proto::control::Response::Telemetry(_) => {}
+            other => return Err(format!("unexpected answer {other:?}").into()),
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            return Err("the 24 h backlog did not drain within 15 min".into());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    fig("drain_24h_1000_series_mtls", t.elapsed().as_secs_f64(), "s");
+    Ok(())
+}
+
 fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>> {
     let mut figures = Vec::new();
     let mut fig = |metric, value, unit| {
@@ -245,6 +328,8 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
     } else {
         eprintln!("cairn-bench: prometheus-node-exporter not installed; skipping the comparison");
     }
+
+    telemetry_bench(&mut site, &mut fig)?;
 
     let s = site.status()?;
     if let Some(f) = s.fleet.facts() {

@@ -1,6 +1,7 @@
-//! cairn-spool-torture DIR [RECORDS_PER_FLUSH]: appends to the telemetry spool in DIR as fast as it can, forever.
+//! cairn-spool-torture DIR [RECORDS_PER_FLUSH [BUDGET_BYTES]]: appends to the telemetry spool in DIR as fast as it can, forever.
 //! Prints `first SEQ` after its first append, then `durable SEQ` after every flush (each line flushed at once),
-//! and acknowledges all but the last 2000 records every 8th flush. The crash test (sim/tests/spool_crash.rs)
+//! and acknowledges all but the last 2000 records every 8th flush. A small budget (a few MiB) makes the spool
+//! compact itself now and then. The crash test (sim/tests/spool_crash.rs)
 //! kills it with SIGKILL at random moments and checks that everything reported durable is there.
 
 use cairn_agent::spool::{Spool, SpoolConfig};
@@ -24,7 +25,7 @@ fn run() -> Result<(), String> {
     let mut args = std::env::args_os().skip(1);
     let dir = PathBuf::from(
         args.next()
-            .ok_or("usage: cairn-spool-torture DIR [RECORDS_PER_FLUSH]")?,
+            .ok_or("usage: cairn-spool-torture DIR [RECORDS_PER_FLUSH [BUDGET_BYTES]]")?,
     );
     let per_flush: u64 = match args.next() {
         None => 500,
@@ -34,7 +35,15 @@ fn run() -> Result<(), String> {
             .filter(|n| *n > 0)
             .ok_or("RECORDS_PER_FLUSH must be a positive number")?,
     };
+    let budget_bytes = match args.next() {
+        None => SpoolConfig::default().budget_bytes,
+        Some(n) => n
+            .to_str()
+            .and_then(|n| n.parse().ok())
+            .ok_or("BUDGET_BYTES must be a number")?,
+    };
     let cfg = SpoolConfig {
+        budget_bytes,
         // Short, so that the background group commit also runs between explicit flushes.
         flush_interval: Duration::from_millis(3),
         flush_records: 1000,
