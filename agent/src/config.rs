@@ -526,6 +526,17 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    if c.telemetry.batch_records > cairn_proto::telemetry::MAX_RECORDS {
+        return Err(ConfigError::invalid(
+            origin,
+            format!(
+                "key `telemetry.batch_records` = {} is more than a batch may carry ({})",
+                c.telemetry.batch_records,
+                cairn_proto::telemetry::MAX_RECORDS
+            ),
+            "use at most 262144 (default 50000)",
+        ));
+    }
     if c.health.nvme_percentage_used > 100 || c.health.nvme_spare_margin_percent > 100 {
         return Err(ConfigError::invalid(
             origin,

@@ -90,10 +90,29 @@ pub fn status(spool: Option<&Spool>, uplink: &UplinkState) -> TelemetryStatus {
     }
 }
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+/// The id of this spool's sequence stream (sent as the batch's `boot_id`): the fleet dedupes by (device, id,
+/// seq). The spool's sequences never restart while the spool lives, so the id lives as long as the spool: it is
+/// made anew when the spool is new (nothing ever written or acknowledged), so a reset spool's seq 1 is not
+/// mistaken for a duplicate.
+fn stream_id(data_dir: &std::path::Path, spool: &Spool) -> String {
+    let path = data_dir.join("spool-stream-id");
+    let stats = spool.stats();
+    let fresh = stats.durable_seq == 0 && stats.acked_seq == 0;
+    if !fresh {
+        if let Ok(id) = std::fs::read_to_string(&path) {
+            let id = id.trim();
+            if !id.is_empty() {
+                return id.to_owned();
+            }
+        }
+    }
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let id = cairn_proto::fleet::to_hex(&b);
+    if let Err(e) = std::fs::write(&path, &id) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot keep the telemetry stream id");
+    }
+    id
 }
 
 fn wire(r: crate::spool::Record) -> WireRecord {
@@ -138,6 +157,9 @@ impl std::fmt::Debug for Forwarder {
     }
 }
 
+/// Most bytes (by `Record::approx_bytes`) read from the spool for one batch.
+const PENDING_BYTES: usize = 8 << 20;
+
 /// Errors worth a retry later, as one sentence.
 type Attempt = Result<Option<(BatchAck, bool)>, String>;
 
@@ -149,13 +171,13 @@ impl Forwarder {
         state: Arc<Mutex<UplinkState>>,
     ) -> Result<Self, String> {
         Ok(Forwarder {
+            boot_id: stream_id(&config.agent.data_dir, &spool),
             spool,
             board,
             state,
             tpm: Tpm::new(&config.tpm.tcti).map_err(|e| crate::error_chain(&e))?,
             alg: config.ek_algorithm()?,
             config: config.clone(),
-            boot_id: boot_id(),
         })
     }
 
@@ -240,15 +262,18 @@ impl Forwarder {
         let spool = self.spool.clone();
         let after = spool.stats().acked_seq;
         let max = self.config.telemetry.batch_records;
-        let records = tokio::task::spawn_blocking(move || spool.pending(after, max, 8 << 20))
+        let records = tokio::task::spawn_blocking(move || spool.pending(after, max, PENDING_BYTES))
             .await
             .map_err(|e| format!("the spool task failed: {e}"))?
             .map_err(|e| crate::error_chain(&e))?;
-        let full = records.len() >= max;
+        // Full by count or by the byte limit `pending` applies: either way more is probably waiting.
+        let bytes: usize = records.iter().map(|r| r.approx_bytes()).sum();
+        let full = records.len() >= max || bytes + (64 << 10) >= PENDING_BYTES;
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             self.set(|s| s.waiting_for = None);
             return Ok(None);
         };
+        let (batch_device, batch_last) = (device_id.clone(), last.seq);
         let batch = Batch {
             device_id,
             boot_id: self.boot_id.clone(),
@@ -299,8 +324,15 @@ impl Forwarder {
             .post_bytes(TELEMETRY_PATH, TELEMETRY_MEDIA_TYPE, body)
             .await
             .map_err(|e| crate::error_chain(&e))?;
+        if ack.device_id != batch_device || ack.boot_id != self.boot_id {
+            return Err(format!(
+                "the fleet acknowledged another stream ({} / {}) than the one sent",
+                ack.device_id, ack.boot_id
+            ));
+        }
         let spool = self.spool.clone();
-        let up_to = ack.acked_up_to;
+        // Never forget more than was sent, whatever the answer says.
+        let up_to = ack.acked_up_to.min(batch_last);
         tokio::task::spawn_blocking(move || spool.ack(up_to))
             .await
             .map_err(|e| format!("the spool task failed: {e}"))?

@@ -1,5 +1,5 @@
 //! The one interface between what the agent measures and where it goes: `/metrics` today, the signed
-//! telemetry spool with the next issue. Collectors produce [`Sample`]s; the health model produces [`Event`]s;
+//! telemetry spool (`forward::SpoolSink` writes to both). Collectors produce [`Sample`]s; the health model produces [`Event`]s;
 //! both go to a [`Sink`].
 
 use serde::{Deserialize, Serialize};
@@ -76,7 +76,7 @@ pub trait Sink: Send + Sync {
     fn event(&self, event: Event);
 }
 
-/// How many events the agent keeps for `cairnctl health` (the spool keeps them all, with the next issue).
+/// How many events the agent keeps for `cairnctl health` (the spool keeps them all).
 pub const RECENT_EVENTS: usize = 256;
 
 /// The in-process sink: the latest samples of each source (what `/metrics` serves) and the recent events.

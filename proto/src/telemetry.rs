@@ -51,7 +51,7 @@
 //! batch = {
 //!   0: 1,              ; format version
 //!   1: tstr,           ; device_id, as the fleet issued it
-//!   2: tstr,           ; boot_id of the agent's run (a new boot restarts seq)
+//!   2: tstr,           ; boot_id: the id of the sender's sequence stream (seq never restarts within one)
 //!   3: uint,           ; first_seq
 //!   4: uint,           ; last_seq, >= first_seq
 //!   5: [* tstr],       ; string table: every name, label, component, kind, severity and message once
