@@ -344,7 +344,6 @@ impl Onboarding {
     async fn attempt(&mut self) {
         let outcome = self.attempt_inner().await;
         let now = now_unix();
-        let f = &self.config.fleet;
         match outcome {
             Ok(reattest_after) => {
                 self.status.attempt = 0;
@@ -359,62 +358,50 @@ impl Onboarding {
             Err(Failure::Pending {
                 message,
                 retry_after,
-            }) => {
-                let delay = backoff(
-                    self.status.attempt,
-                    f.retry_min_secs,
-                    f.retry_max_secs,
-                    jitter_unit(),
-                )
-                .max(retry_after.min(f.retry_max_secs));
-                self.status.code = Some("pending_approval".into());
-                self.status.next_attempt_unix = Some(now + delay);
-                self.status.attempt = self.status.attempt.saturating_add(1);
-                self.set("awaiting_approval", message);
-            }
+            }) => self.retry_later(
+                now,
+                retry_after,
+                "awaiting_approval",
+                Some("pending_approval".into()),
+                message,
+            ),
             Err(Failure::Unprovisioned(reason)) => {
-                let delay = backoff(
-                    self.status.attempt,
-                    f.retry_min_secs,
-                    f.retry_max_secs,
-                    jitter_unit(),
-                );
-                self.status.attempt = self.status.attempt.saturating_add(1);
-                self.status.next_attempt_unix = Some(now + delay);
-                self.status.code = None;
-                self.set("unprovisioned", reason);
+                self.retry_later(now, 0, "unprovisioned", None, reason)
             }
             Err(Failure::Refused {
                 code,
                 message,
                 retry_after,
-            }) => {
-                let delay = backoff(
-                    self.status.attempt,
-                    f.retry_min_secs,
-                    f.retry_max_secs,
-                    jitter_unit(),
-                )
-                .max(retry_after.min(f.retry_max_secs));
-                self.status.attempt = self.status.attempt.saturating_add(1);
-                self.status.next_attempt_unix = Some(now + delay);
-                self.status.code = Some(code);
-                self.set("refused", message);
-            }
+            }) => self.retry_later(now, retry_after, "refused", Some(code), message),
             Err(Failure::Error(reason) | Failure::Tls(reason)) => {
-                let delay = backoff(
-                    self.status.attempt,
-                    f.retry_min_secs,
-                    f.retry_max_secs,
-                    jitter_unit(),
-                );
-                self.status.attempt = self.status.attempt.saturating_add(1);
-                self.status.next_attempt_unix = Some(now + delay);
-                self.status.code = None;
-                self.set("retrying", reason);
+                self.retry_later(now, 0, "retrying", None, reason)
             }
         }
         tracing::info!(state = %self.status.state, detail = %self.status.detail, "onboarding");
+    }
+
+    /// Every failure schedules the next try the same way: capped exponential backoff with jitter, never
+    /// sooner than the fleet asked (itself capped).
+    fn retry_later(
+        &mut self,
+        now: u64,
+        retry_after: u64,
+        state: &str,
+        code: Option<String>,
+        detail: String,
+    ) {
+        let f = &self.config.fleet;
+        let delay = backoff(
+            self.status.attempt,
+            f.retry_min_secs,
+            f.retry_max_secs,
+            jitter_unit(),
+        )
+        .max(retry_after.min(f.retry_max_secs));
+        self.status.attempt = self.status.attempt.saturating_add(1);
+        self.status.next_attempt_unix = Some(now + delay);
+        self.status.code = code;
+        self.set(state, detail);
     }
 
     /// One pass; Ok(seconds until the next attestation) when the fleet said "trusted".

@@ -90,112 +90,109 @@ fn control_failure(e: ControlError) -> ExitCode {
     }
 }
 
-fn telemetry(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
-    let socket = match socket_path(config_path, socket) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    match control::request(&socket, Command::Telemetry, Duration::from_secs(10)) {
-        Ok(Response::Telemetry(t)) => {
-            if json {
-                match serde_json::to_string_pretty(&t) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("cairnctl: cannot print the telemetry status: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", view::telemetry(&t));
-            }
-            ExitCode::SUCCESS
-        }
+/// Asks cairnd one question. An error answer or an unreachable agent is printed and becomes the exit code.
+fn ask(
+    config_path: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    command: Command,
+    timeout: Duration,
+) -> Result<Response, ExitCode> {
+    let socket = socket_path(config_path, socket)?;
+    match control::request(&socket, command, timeout) {
         Ok(Response::Error { message }) => {
             eprintln!("cairnctl: {message}");
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
-        Ok(other) => {
-            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
+        Ok(r) => Ok(r),
+        Err(e) => Err(control_failure(e)),
+    }
+}
+
+/// Prints an answer as JSON (the control protocol's object) or in words.
+fn show<T: serde::Serialize>(
+    value: &T,
+    json: bool,
+    words: impl FnOnce(&T) -> String,
+) -> Result<(), ExitCode> {
+    if json {
+        let text = serde_json::to_string_pretty(value).map_err(|e| {
+            eprintln!("cairnctl: cannot print the answer: {e}");
             ExitCode::FAILURE
+        })?;
+        println!("{text}");
+    } else {
+        print!("{}", words(value));
+    }
+    Ok(())
+}
+
+fn unexpected(r: Response) -> ExitCode {
+    eprintln!("cairnctl: unexpected answer from cairnd: {r:?}");
+    ExitCode::FAILURE
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn telemetry(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    match ask(
+        config_path,
+        socket,
+        Command::Telemetry,
+        Duration::from_secs(10),
+    ) {
+        Ok(Response::Telemetry(t)) => {
+            show(&t, json, view::telemetry).map_or_else(|c| c, |()| ExitCode::SUCCESS)
         }
-        Err(e) => control_failure(e),
+        Ok(other) => unexpected(other),
+        Err(code) => code,
     }
 }
 
 fn health(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
-    let socket = match socket_path(config_path, socket) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    match control::request(&socket, Command::Health, Duration::from_secs(10)) {
+    match ask(
+        config_path,
+        socket,
+        Command::Health,
+        Duration::from_secs(10),
+    ) {
         Ok(Response::Health(report)) => {
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(t) => println!("{t}"),
-                    Err(e) => {
-                        eprintln!("cairnctl: cannot print the health report: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", view::health(&report));
+            if let Err(code) = show(&report, json, view::health) {
+                return code;
             }
-            let failed = report
-                .components
-                .iter()
-                .any(|c| c.state == cairn_proto::control::HealthState::Failed);
-            if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
+            exit(
+                !report
+                    .components
+                    .iter()
+                    .any(|c| c.state == cairn_proto::control::HealthState::Failed),
+            )
         }
-        Ok(Response::Error { message }) => {
-            eprintln!("cairnctl: {message}");
-            ExitCode::FAILURE
-        }
-        Ok(other) => {
-            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
-            ExitCode::FAILURE
-        }
-        Err(e) => control_failure(e),
+        Ok(other) => unexpected(other),
+        Err(code) => code,
     }
 }
 
 fn attest(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
-    let socket = match socket_path(config_path, socket) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
     // Enrolment runs several TPM commands and fleet round trips, each bounded by the fleet timeout.
-    match control::request(&socket, Command::Attest, Duration::from_secs(120)) {
+    match ask(
+        config_path,
+        socket,
+        Command::Attest,
+        Duration::from_secs(120),
+    ) {
         Ok(Response::Attest(o)) => {
-            if json {
-                match serde_json::to_string_pretty(&o) {
-                    Ok(t) => println!("{t}"),
-                    Err(e) => {
-                        eprintln!("cairnctl: cannot print the outcome: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", view::onboarding(&o));
+            if let Err(code) = show(&o, json, view::onboarding) {
+                return code;
             }
-            if o.state == "onboarded" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            exit(o.state == "onboarded")
         }
-        Ok(Response::Error { message }) => {
-            eprintln!("cairnctl: {message}");
-            ExitCode::FAILURE
-        }
-        Ok(other) => {
-            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
-            ExitCode::FAILURE
-        }
-        Err(e) => control_failure(e),
+        Ok(other) => unexpected(other),
+        Err(code) => code,
     }
 }
 
@@ -209,30 +206,17 @@ fn load_config(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
 }
 
 fn status(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
-    let socket = match socket_path(config_path, socket) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    match control::request(&socket, Command::Status, Duration::from_secs(10)) {
+    match ask(
+        config_path,
+        socket,
+        Command::Status,
+        Duration::from_secs(10),
+    ) {
         Ok(Response::Status(status)) => {
-            if json {
-                match serde_json::to_string_pretty(&status) {
-                    Ok(t) => println!("{t}"),
-                    Err(e) => {
-                        eprintln!("cairnctl: cannot print the status: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", view::render(&status));
-            }
-            ExitCode::SUCCESS
+            show(status.as_ref(), json, view::render).map_or_else(|c| c, |()| ExitCode::SUCCESS)
         }
-        Ok(other) => {
-            eprintln!("cairnctl: unexpected answer from cairnd: {other:?}");
-            ExitCode::FAILURE
-        }
-        Err(e) => control_failure(e),
+        Ok(other) => unexpected(other),
+        Err(code) => code,
     }
 }
 
