@@ -505,8 +505,6 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             "telemetry.upload_interval_secs",
             c.telemetry.upload_interval_secs,
         ),
-        ("telemetry.budget_bytes", c.telemetry.budget_bytes),
-        ("telemetry.batch_records", c.telemetry.batch_records as u64),
         ("fleet.retry_min_secs", c.fleet.retry_min_secs),
     ] {
         if secs == 0 {
@@ -516,6 +514,24 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
                 "give it a number of seconds of at least 1",
             ));
         }
+    }
+    if c.telemetry.batch_records == 0 {
+        return Err(ConfigError::invalid(
+            origin,
+            "key `telemetry.batch_records` is 0",
+            "give the most records one upload may carry, e.g. 50000 (the default)",
+        ));
+    }
+    if c.telemetry.budget_bytes < crate::spool::MIN_BUDGET_BYTES {
+        return Err(ConfigError::invalid(
+            origin,
+            format!(
+                "key `telemetry.budget_bytes` = {} is below the smallest budget the spool can keep ({} bytes)",
+                c.telemetry.budget_bytes,
+                crate::spool::MIN_BUDGET_BYTES
+            ),
+            "give at least 8388608 (8 MiB); the default is 1073741824 (1 GiB)",
+        ));
     }
     if let Some(ups) = c.power.ups() {
         if let Err(e) = ups.validate() {
@@ -802,6 +818,14 @@ mod tests {
             ("[agent]\nlog_level = \"loud\"\n", "agent.log_level"),
             ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
             ("[tpm]\ntcti = \"carrier-pigeon\"\n", "tpm.tcti"),
+            (
+                "[telemetry]\nbudget_bytes = 1000000\n",
+                "telemetry.budget_bytes",
+            ),
+            (
+                "[telemetry]\nbatch_records = 0\n",
+                "telemetry.batch_records",
+            ),
         ] {
             let d = dirs();
             std::fs::write(d.site.join("cairnd.toml"), text).unwrap();
