@@ -6,6 +6,7 @@ use crate::hardware::gpu::NvmlGpus;
 use crate::hardware::nvme::DevSmart;
 use crate::identity::TpmProbe;
 use crate::status::{component, StatusBoard};
+use crate::telemetry::{kind, OnChange};
 use crate::uplink::FleetClient;
 use crate::{control, metrics, notify};
 use cairn_proto::control::{AgentStatus, FleetFacts};
@@ -82,6 +83,9 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         local: sink.clone(),
         spool: spool.clone(),
     };
+    // The agent's own events (attestation outcomes, its errors) go where the health model's go.
+    let events: std::sync::Arc<dyn crate::telemetry::Sink> =
+        std::sync::Arc::new(collector_sink.clone());
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
@@ -122,10 +126,12 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                 None
             }
         };
+        let events = events.clone();
         std::thread::Builder::new()
             .name("hardware".into())
             .spawn(move || {
                 let mut last_tpm: Option<std::time::Instant> = None;
+                let mut tpm_outcome = OnChange::default();
                 loop {
                     collector.poll(&board, &sink);
                     if let Some(tpm) = &tpm {
@@ -133,6 +139,15 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                             let facts = tpm.probe();
                             if let Err(e) = &facts {
                                 tracing::warn!(reason = %e, "TPM check failed");
+                            }
+                            if let Some(event) = tpm_outcome.observe(
+                                facts.as_ref().map(|_| ()).map_err(String::as_str),
+                                "tpm",
+                                kind::AGENT_ERROR,
+                                "TPM check failed",
+                                "TPM usable again",
+                            ) {
+                                events.event(event);
                             }
                             board.update(|s| s.tpm = component(facts));
                             last_tpm = Some(std::time::Instant::now());
@@ -150,7 +165,9 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     let fleet_task = {
         let board = board.clone();
         let fleet = config.fleet.clone();
+        let events = events.clone();
         tokio::spawn(async move {
+            let mut reachable = OnChange::default();
             let timeout = Duration::from_secs(fleet.timeout_secs);
             let mut client = None;
             let mut client_url = String::new();
@@ -178,6 +195,15 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                 if matches!(client, Some(Err(_))) {
                     client = None;
                 }
+                if let Some(event) = reachable.observe(
+                    result.as_ref().map(|_| ()).map_err(String::as_str),
+                    "fleet",
+                    kind::UPLINK,
+                    "fleet unreachable",
+                    "fleet reachable again",
+                ) {
+                    events.event(event);
+                }
                 let ok = result.is_ok();
                 if was_ok != Some(ok) {
                     match &result {
@@ -203,7 +229,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     // Onboarding needs a usable TPM configuration; without one the agent still runs and says why.
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (attest_tx, onboarding_task) =
-        match crate::onboarding::Onboarding::new(&config, board.clone()) {
+        match crate::onboarding::Onboarding::new(&config, board.clone(), events.clone()) {
             Ok(o) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(8);
                 (Some(tx), Some(tokio::spawn(o.run(rx, shutdown_rx))))
@@ -223,6 +249,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             spool.clone(),
             board.clone(),
             uplink_state.clone(),
+            events.clone(),
         ) {
             Ok(f) => Some(tokio::spawn(f.run(shutdown_tx.subscribe()))),
             Err(reason) => {

@@ -7,7 +7,7 @@ use crate::attestation::{self, KeyRole};
 use crate::config::Config;
 use crate::spool::{RecordBody, Spool};
 use crate::status::{now_unix, StatusBoard};
-use crate::telemetry::{Event, LocalSink, Sample, Sink};
+use crate::telemetry::{kind, Event, LocalSink, OnChange, Sample, Sink};
 use crate::tpm_tls::TpmClientCert;
 use crate::uplink::FleetClient;
 use cairn_proto::control::TelemetryStatus;
@@ -145,6 +145,8 @@ pub struct Forwarder {
     pub spool: Arc<Spool>,
     pub board: StatusBoard,
     pub state: Arc<Mutex<UplinkState>>,
+    /// Upload failures and recoveries are events of their own.
+    events: Arc<dyn Sink>,
     tpm: Tpm,
     alg: EkAlgorithm,
     config: Config,
@@ -169,8 +171,10 @@ impl Forwarder {
         spool: Arc<Spool>,
         board: StatusBoard,
         state: Arc<Mutex<UplinkState>>,
+        events: Arc<dyn Sink>,
     ) -> Result<Self, String> {
         Ok(Forwarder {
+            events,
             boot_id: stream_id(&config.agent.data_dir, &spool),
             spool,
             board,
@@ -187,9 +191,27 @@ impl Forwarder {
 
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut failures = 0u32;
+        let mut outcome = OnChange::default();
         loop {
             let interval = Duration::from_secs(self.config.telemetry.upload_interval_secs);
-            let wait = match self.once().await {
+            let result = self.once().await;
+            let now = match &result {
+                Ok(Some(_)) => Some(Ok(())),
+                Ok(None) => None,
+                Err(reason) => Some(Err(reason.as_str())),
+            };
+            if let Some(event) = now.and_then(|o| {
+                outcome.observe(
+                    o,
+                    "telemetry_uplink",
+                    kind::AGENT_ERROR,
+                    "telemetry upload failed",
+                    "telemetry uploads work again",
+                )
+            }) {
+                self.events.event(event);
+            }
+            let wait = match result {
                 // A full batch: a backlog is draining, send the next one at once.
                 Ok(Some((ack, true))) => {
                     failures = 0;

@@ -10,6 +10,7 @@ use crate::attestation::{self, KeyRole};
 use crate::config::Config;
 use crate::discovery::{self, DiscoverySettings};
 use crate::status::{now_unix, StatusBoard};
+use crate::telemetry::{agent_event, kind, Severity, Sink};
 use crate::tpm_tls::TpmClientCert;
 use crate::uplink::{FleetClient, UplinkError};
 use cairn_proto::control::OnboardingStatus;
@@ -235,6 +236,8 @@ pub struct Onboarding {
     device: Device,
     board: StatusBoard,
     status: OnboardingStatus,
+    /// Every attempt's outcome goes here as an event (and so to the fleet).
+    events: Arc<dyn Sink>,
 }
 
 impl std::fmt::Debug for Onboarding {
@@ -246,7 +249,7 @@ impl std::fmt::Debug for Onboarding {
 }
 
 impl Onboarding {
-    pub fn new(config: &Config, board: StatusBoard) -> Result<Self, String> {
+    pub fn new(config: &Config, board: StatusBoard, events: Arc<dyn Sink>) -> Result<Self, String> {
         let tpm = Tpm::new(&config.tpm.tcti).map_err(|e| chain(&e))?;
         let alg = config.ek_algorithm()?;
         let pcrs = attestation::parse_pcrs(&config.tpm.pcrs).map_err(|e| chain(&e))?;
@@ -263,6 +266,7 @@ impl Onboarding {
             config: config.clone(),
             board,
             status,
+            events,
         })
     }
 
@@ -378,6 +382,23 @@ impl Onboarding {
             }
         }
         tracing::info!(state = %self.status.state, detail = %self.status.detail, "onboarding");
+        let severity = match self.status.state.as_str() {
+            "onboarded" => Severity::Info,
+            "refused" => Severity::Critical,
+            _ => Severity::Warning,
+        };
+        let code = self
+            .status
+            .code
+            .as_deref()
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
+        self.events.event(agent_event(
+            "attestation",
+            kind::ATTESTATION,
+            severity,
+            format!("{}{code}: {}", self.status.state, self.status.detail),
+        ));
     }
 
     /// Every failure schedules the next try the same way: capped exponential backoff with jitter, never
