@@ -15,5 +15,6 @@ pub mod process;
 pub mod site;
 pub mod spool_torture;
 pub mod sysfs_tree;
+pub mod telemetry_peer;
 
 pub use site::{Site, SiteError, SiteOptions, Trust};

@@ -63,6 +63,8 @@ pub struct SiteOptions {
     pub image_version: String,
     /// Seconds between re-attestations the fleet asks for.
     pub reattest_secs: u64,
+    /// TOML appended to cairnd.toml: tables the site does not write itself (`[telemetry]`, `[health]`, …).
+    pub extra_config: String,
 }
 
 /// How the site's fleet learns to trust the site's TPM.
@@ -90,6 +92,7 @@ impl Default for SiteOptions {
             trust: Trust::EkCertificate,
             image_version: "0.1.0".into(),
             reattest_secs: 30,
+            extra_config: String::new(),
         }
     }
 }
@@ -276,7 +279,7 @@ impl Site {
              [fleet]\nurl = \"{url}\"\nca_file = \"{ca}\"\ncheck_interval_secs = 1\ntimeout_secs = 3\n\
              provisioning_paths = [\"{provision}\"]\ndiscover_srv = false\nretry_min_secs = 1\nretry_max_secs = 10\n\n\
              [hardware]\nsys_root = \"{sysroot}\"\nnvml_library = \"{nvml}\"\npoll_interval_secs = {poll}\nnvme_interval_secs = {poll}\n\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}",
             dir = dir.display(),
             data = dir.join("agent/data").display(),
             sock = site.env.control_socket.display(),
@@ -288,6 +291,7 @@ impl Site {
             sysroot = sysroot.display(),
             nvml = nvml_library.display(),
             poll = opts.poll_interval_secs,
+            extra = opts.extra_config,
         );
         std::fs::write(&site.env.cairn_config, config).map_err(io(&site.env.cairn_config))?;
         site.start_cairnd()?;

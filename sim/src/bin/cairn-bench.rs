@@ -93,49 +93,47 @@ fn start_node_exporter(
     Ok(Some((child.id(), url, child)))
 }
 
+/// The peer a figure measures, when it is not cairn: told by the metric's name.
+fn peer_of(metric: &str) -> Option<&'static str> {
+    if metric.starts_with("node_exporter") {
+        Some("prometheus-node-exporter")
+    } else if metric.starts_with("prometheus_") {
+        Some("prometheus --enable-feature=agent")
+    } else {
+        None
+    }
+}
+
 /// 24 h of 1,000 series at 10 s: written into cairnd's spool while it is stopped (durable append rate, bytes
-/// on disk), then drained to the fleet over mTLS loopback by a restarted cairnd (drain time).
+/// on disk, CPU), then drained to the fleet over mTLS loopback by a restarted cairnd (drain time, CPU of
+/// cairnd and of the fleet); then the same series through Prometheus in agent mode remote-writing to a second
+/// Prometheus (WAL bytes and CPU per sample).
 fn telemetry_bench(
     site: &mut Site,
     fig: &mut impl FnMut(&'static str, f64, &'static str),
 ) -> Result<(), Box<dyn std::error::Error>> {
     use cairn_agent::spool::{RecordBody, Spool, SpoolConfig};
-    const SERIES: usize = 1000;
+    use cairn_sim::telemetry_peer::{self, SERIES};
     const STEPS: usize = 8640;
     site.stop_cairnd();
     let spool_dir = site.dir.join("agent/data/spool");
     let spool = Spool::open(&spool_dir, SpoolConfig::default())?;
     let before = spool.stats();
-    let labels: Vec<Vec<(String, String)>> = (0..SERIES)
-        .map(|i| {
-            vec![
-                ("gpu".to_owned(), (i % 8).to_string()),
-                (
-                    "UUID".to_owned(),
-                    format!("GPU-c0ffee{:02}-cafe-4000-8000-{:012}", i % 8, i % 8),
-                ),
-                (
-                    "pci_bus_id".to_owned(),
-                    format!("00000000:{:02X}:00.0", 0x18 + i % 8),
-                ),
-                ("modelName".to_owned(), "NVIDIA H100 80GB HBM3".to_owned()),
-                ("Hostname".to_owned(), "site-0042".to_owned()),
-                ("series".to_owned(), (i / 8).to_string()),
-            ]
-        })
-        .collect();
+    let labels: Vec<Vec<(String, String)>> = (0..SERIES).map(telemetry_peer::labels).collect();
     let start_ms = 1_790_000_000_000u64;
+    let me = std::process::id();
+    let c0 = cpu_ticks(me).ok_or("no CPU figures for this process")?;
     let t = Instant::now();
     for step in 0..STEPS {
-        let at = start_ms + step as u64 * 10_000;
+        let at = start_ms + step as u64 * telemetry_peer::STEP_MS;
         let items = (0..SERIES)
             .map(|i| {
                 (
                     at,
                     RecordBody::Sample {
-                        name: "DCGM_FI_DEV_GPU_TEMP".to_owned(),
+                        name: telemetry_peer::METRIC.to_owned(),
                         labels: labels[i].clone(),
-                        value: 40.0 + ((step + i) % 30) as f64,
+                        value: telemetry_peer::value(step, i),
                         counter: false,
                     },
                 )
@@ -145,6 +143,7 @@ fn telemetry_bench(
     }
     let target = spool.flush()?;
     let secs = t.elapsed().as_secs_f64();
+    let append_ticks = cpu_ticks(me).ok_or("no CPU figures for this process")? - c0;
     let n = (SERIES * STEPS) as f64;
     fig("spool_append_durable_samples_per_s", n / secs, "1/s");
     let after = spool.stats();
@@ -156,6 +155,10 @@ fn telemetry_bench(
     drop(spool);
 
     site.start_cairnd()?;
+    let (d0, f0) = (
+        cpu_ticks(site.env.cairnd_pid).ok_or("cairnd exited")?,
+        cpu_ticks(site.env.fleet_pid).ok_or("cairn-fleet exited")?,
+    );
     let t = Instant::now();
     loop {
         match cairn_agent::control::request(
@@ -173,6 +176,39 @@ fn telemetry_bench(
         std::thread::sleep(Duration::from_millis(250));
     }
     fig("drain_24h_1000_series_mtls", t.elapsed().as_secs_f64(), "s");
+    let drain_ticks = cpu_ticks(site.env.cairnd_pid).ok_or("cairnd exited")? - d0;
+    let fleet_ticks = cpu_ticks(site.env.fleet_pid).ok_or("cairn-fleet exited")? - f0;
+    // Ticks are 10 ms. The device's side: spooling, then reading, encoding, compressing, signing (the TPM's
+    // own work is swtpm's, not counted) and sending; the fleet's: verifying, deduping, storing.
+    let us = |ticks: u64| ticks as f64 * 10_000.0 / n;
+    fig(
+        "cairn_device_cpu_per_sample",
+        us(append_ticks + drain_ticks),
+        "us",
+    );
+    fig("cairn_fleet_ingest_cpu_per_sample", us(fleet_ticks), "us");
+
+    let cost = telemetry_peer::prometheus_agent(&site.dir.join("prometheus-agent"), 600)?;
+    fig(
+        "prometheus_agent_wal_bytes_per_sample",
+        cost.wal_bytes_per_sample,
+        "B",
+    );
+    fig(
+        "prometheus_agent_cpu_per_sample",
+        cost.agent_cpu_us_per_sample,
+        "us",
+    );
+    fig(
+        "prometheus_receiver_cpu_per_sample",
+        cost.receiver_cpu_us_per_sample,
+        "us",
+    );
+    fig(
+        "prometheus_agent_samples_measured",
+        cost.samples as f64,
+        "1",
+    );
     Ok(())
 }
 
@@ -184,7 +220,7 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
             metric,
             value,
             unit,
-            peer: None,
+            peer: peer_of(metric),
         })
     };
 
