@@ -35,12 +35,24 @@ pub enum DaemonError {
 }
 
 pub fn run(loaded: Loaded) -> Result<(), DaemonError> {
+    limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
     rt.block_on(run_async(loaded))
+}
+
+/// glibc gives each thread that allocates an arena of its own; with fifteen threads (tokio, sled, NVML,
+/// hardware) that was half of cairnd's resident memory (measured: 12.4 MiB anonymous, 6.3 MiB with one arena).
+/// Two arenas keep the agent's few allocating threads from contending.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before the runtime starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
