@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod onboarding;
+pub mod recipe;
 pub mod spool;
 pub mod status;
 pub mod telemetry;

@@ -62,6 +62,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Workload recipes (recipes/*.toml).
+    Recipe {
+        #[command(subcommand)]
+        command: RecipeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecipeCmd {
+    /// Check recipe files: exit 0 when every one is valid, 1 otherwise, each error naming the file and key.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,7 +88,36 @@ fn main() -> ExitCode {
         Cmd::Attest { json } => attest(args.config, args.socket, *json),
         Cmd::Health { json } => health(args.config, args.socket, *json),
         Cmd::Telemetry { json } => telemetry(args.config, args.socket, *json),
+        Cmd::Recipe {
+            command: RecipeCmd::Check { files, json },
+        } => recipe_check(files, *json),
     }
+}
+
+/// Needs no agent: checks each file on its own and reports every one.
+fn recipe_check(files: &[PathBuf], json: bool) -> ExitCode {
+    let mut ok = true;
+    let mut out = Vec::new();
+    for f in files {
+        let result = cairn_agent::recipe::load(f);
+        ok &= result.is_ok();
+        match (&result, json) {
+            (Ok(r), false) => println!(
+                "ok     {}: {}",
+                f.display(),
+                cairn_agent::recipe::summary(r)
+            ),
+            (Err(e), false) => eprintln!("error  {}", cairn_agent::error_chain(e)),
+            (Ok(r), true) => out.push(serde_json::json!({"file": f, "ok": true, "recipe": r})),
+            (Err(e), true) => out.push(
+                serde_json::json!({"file": f, "ok": false, "error": cairn_agent::error_chain(e)}),
+            ),
+        }
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(out));
+    }
+    exit(ok)
 }
 
 fn socket_path(config_path: Option<PathBuf>, socket: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
