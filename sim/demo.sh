@@ -134,5 +134,5 @@ fleet | sed 's/^/   /'
 ok "refused, with the reason on both sides; the fleet no longer honours the device's certificate"
 
 step "Not yet in this build"
-say "workloads — issue 6; A/B image and OTA — issue 7; telemetry quota and Prometheus-agent comparison are"
-say "still open in issue 5."
+say "running workloads — issue 6 (recipes check already: cairnctl recipe check recipes/*.toml); A/B image"
+say "and OTA — issue 7; console status and diagnostics — issue 8."
