@@ -131,7 +131,8 @@ fn cpu_ticks(pid: u32) -> Result<u64, PeerError> {
     Ok(field(11) + field(12))
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+/// Bytes of every file under `dir` (what `du -b` would say, without directory entries).
+pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -176,19 +176,6 @@ fn noise(step: usize, i: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-fn spool_files_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => spool_files_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 /// A long outage: hours of a 500-series site pile up in the spool (written while cairnd is stopped, as fast
 /// as the spool takes them), then cairnd runs on with the fleet still down and a GPU fault raises an event.
 /// The spool's files never pass the budget by more than a commit, samples are thinned and counted, every
@@ -237,7 +224,7 @@ fn a_long_outage_stays_within_the_budget_thins_samples_and_keeps_every_event() {
         std::thread::spawn(move || {
             let mut peak = 0;
             while watching.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(spool_files_bytes(&dir));
+                peak = peak.max(cairn_sim::telemetry_peer::dir_bytes(&dir));
                 std::thread::sleep(Duration::from_millis(2));
             }
             peak
