@@ -217,15 +217,7 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
 
 /// Parses and checks one recipe's text; `origin` names it in errors (a path, or a set entry).
 pub fn parse(origin: &str, text: &str) -> Result<Recipe, RecipeError> {
-    let line_of = |span: Option<std::ops::Range<usize>>| {
-        span.map(|s| {
-            text.as_bytes()[..s.start.min(text.len())]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1
-        })
-    };
+    let line_of = |span| crate::config::line_of(text, span);
     let recipe: Recipe =
         serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
             let at = line_of(e.inner().span())
