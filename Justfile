@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Debian packages the build, the tests and the demo need.
-apt_packages := "swtpm swtpm-tools tpm2-tools libtss2-dev libsystemd-dev libzstd-dev pkg-config prometheus prometheus-node-exporter jq curl"
+apt_packages := "swtpm swtpm-tools tpm2-tools libtss2-dev libsystemd-dev libzstd-dev pkg-config prometheus prometheus-node-exporter jq curl mmdebstrap systemd-container"
 
 default:
     @just --list

@@ -390,16 +390,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
 const FIX_GENERIC: &str = "correct the value or remove the key; every key, its type and its default are in \
                            /usr/share/doc/cairn/cairnd.toml.example (agent/cairnd.toml.example in the source)";
 
-/// The 1-based line of a TOML error's span in `text`, for messages that name the line.
-pub(crate) fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
-    span.map(|s| {
-        text.as_bytes()[..s.start.min(text.len())]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    })
-}
+pub(crate) use cairn_proto::recipe::line_of;
 
 /// Parses one file and checks it alone against the schema, so its errors name it.
 fn check_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {

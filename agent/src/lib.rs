@@ -15,13 +15,15 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod onboarding;
-pub mod recipe;
 pub mod spool;
 pub mod status;
 pub mod telemetry;
 pub mod tpm_tls;
 pub mod uplink;
 pub mod view;
+
+/// Recipes are parsed where the fleet signs them too; the agent uses the same schema and checks.
+pub use cairn_proto::recipe;
 
 /// "outer: inner: innermost": an error and its sources on one line, for status entries and the one place
 /// each binary prints an error. Messages never repeat their source, so nothing is said twice.

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 /// Largest response body the agent reads from the fleet; a broken fleet must not exhaust the device's memory.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
+const MAX_SET_BYTES: usize = cairn_proto::workload_set::MAX_SET_BYTES;
 
 /// A parsed fleet URL: https only, host and port explicit after parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +209,28 @@ impl FleetClient {
     }
 
     async fn get(&self, path: &'static str) -> Result<Bytes, UplinkError> {
-        self.exchange(hyper::Method::GET, path, None).await
+        Ok(self.exchange(hyper::Method::GET, path, None).await?.body)
+    }
+
+    /// `GET /v1/workload-set`, conditional on the ETag of the set the device holds.
+    pub async fn workload_set(&self, etag: Option<&str>) -> Result<SetAnswer, UplinkError> {
+        let path = cairn_proto::workload_set::WORKLOAD_SET_PATH;
+        let authority = self.url.authority();
+        let secs = self.timeout.as_secs();
+        let answer = tokio::time::timeout(
+            self.timeout,
+            self.exchange_inner(hyper::Method::GET, path, None, etag, MAX_SET_BYTES),
+        )
+        .await
+        .map_err(|_| UplinkError::Timeout { authority, secs })??;
+        Ok(match answer.status {
+            204 => SetAnswer::NoSet,
+            304 => SetAnswer::NotModified,
+            _ => SetAnswer::Set {
+                bytes: answer.body.to_vec(),
+                etag: answer.etag,
+            },
+        })
     }
 
     /// POSTs `body` as JSON and reads a JSON answer; a non-2xx answer becomes [`UplinkError::Refused`].
@@ -225,7 +247,8 @@ impl FleetClient {
         })?;
         let answer = self
             .exchange(hyper::Method::POST, path, Some((bytes, "application/json")))
-            .await?;
+            .await?
+            .body;
         serde_json::from_slice(&answer).map_err(|e| UplinkError::Body {
             authority,
             path,
@@ -242,7 +265,8 @@ impl FleetClient {
     ) -> Result<R, UplinkError> {
         let answer = self
             .exchange(hyper::Method::POST, path, Some((body, content_type)))
-            .await?;
+            .await?
+            .body;
         serde_json::from_slice(&answer).map_err(|e| UplinkError::Body {
             authority: self.url.authority(),
             path,
@@ -268,10 +292,13 @@ impl FleetClient {
         method: hyper::Method,
         path: &'static str,
         body: Option<(Vec<u8>, &'static str)>,
-    ) -> Result<Bytes, UplinkError> {
+    ) -> Result<Answer, UplinkError> {
         let authority = self.url.authority();
         let secs = self.timeout.as_secs();
-        tokio::time::timeout(self.timeout, self.exchange_inner(method, path, body))
+        tokio::time::timeout(
+            self.timeout,
+            self.exchange_inner(method, path, body, None, MAX_BODY_BYTES),
+        )
             .await
             .map_err(|_| UplinkError::Timeout { authority, secs })?
     }
@@ -281,7 +308,9 @@ impl FleetClient {
         method: hyper::Method,
         path: &'static str,
         body: Option<(Vec<u8>, &'static str)>,
-    ) -> Result<Bytes, UplinkError> {
+        if_none_match: Option<&str>,
+        limit: usize,
+    ) -> Result<Answer, UplinkError> {
         let authority = self.url.authority();
         let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
             .await
@@ -314,6 +343,9 @@ impl FleetClient {
         if let Some((_, content_type)) = &body {
             req = req.header(hyper::header::CONTENT_TYPE, *content_type);
         }
+        if let Some(tag) = if_none_match {
+            req = req.header(hyper::header::IF_NONE_MATCH, tag);
+        }
         let req = req
             .header(hyper::header::HOST, &authority)
             .header(
@@ -336,7 +368,12 @@ impl FleetClient {
                 source,
             })?;
         let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), MAX_BODY_BYTES)
+        let etag = resp
+            .headers()
+            .get(hyper::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Limited::new(resp.into_body(), limit)
             .collect()
             .await
             .map_err(|e| UplinkError::Body {
@@ -346,7 +383,7 @@ impl FleetClient {
             })?
             .to_bytes();
         conn.abort();
-        if status != 200 {
+        if !matches!(status, 200 | 204 | 304) {
             if let Ok(e) = serde_json::from_slice::<FleetError>(&body) {
                 return Err(UplinkError::Refused {
                     authority,
@@ -362,8 +399,24 @@ impl FleetClient {
                 status,
             });
         }
-        Ok(body)
+        Ok(Answer { status, etag, body })
     }
+}
+
+struct Answer {
+    status: u16,
+    etag: Option<String>,
+    body: Bytes,
+}
+
+/// The fleet's answer to a workload-set fetch.
+#[derive(Debug)]
+pub enum SetAnswer {
+    /// The fleet has no set for this device.
+    NoSet,
+    /// The set the device holds (by ETag) is current.
+    NotModified,
+    Set { bytes: Vec<u8>, etag: Option<String> },
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::quote::{self, QuoteRefusal};
 use crate::reference::Reference;
 use crate::store::{DeviceRecord, DeviceState, QuoteCounters, Reason, Store, StoreError};
 use cairn_proto::fleet::{
-    ActivateRequest, AttestRequest, Challenge, Credential, DesiredState, EnrollRequest,
+    ActivateRequest, AttestRequest, Challenge, Credential, EnrollRequest,
     EnrollResponse, Evidence, Hex, PcrValue, Verdict,
 };
 use ring::rand::{SecureRandom, SystemRandom};
@@ -710,14 +710,6 @@ impl Attestor {
             .get(device_id)
             .and_then(|d| d.telemetry_key.as_ref())
             .map(|k| k.0.clone())
-    }
-
-    pub fn desired_state(&self, device_id: &str) -> DesiredState {
-        DesiredState {
-            device_id: device_id.to_owned(),
-            generation: 0,
-            workloads: Vec::new(),
-        }
     }
 
     /// Runs an operator command against the live store.

@@ -63,6 +63,83 @@ enum Cmd {
         #[command(subcommand)]
         action: Option<DeviceAction>,
     },
+    /// The workload signer and signed workload sets (see docs/workloads.md).
+    Workloads {
+        #[command(subcommand)]
+        action: WorkloadsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadsAction {
+    /// Make the workload signer: DIR/workload-signer.key (keep it with the fleet) and
+    /// DIR/workload-signer.pub (give it to every device as `workloads.signer_key`).
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Check recipes and sign them as one set. To roll it out, write it as STATE/workloads/default.cose (every
+    /// device) or STATE/workloads/<device-id>.cose (one device).
+    Sign {
+        /// The signer's private key (workload-signer.key).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The set's serial: above the last set's, or devices refuse it as a replay.
+        #[arg(long)]
+        serial: u64,
+        /// Device ids the set is for (repeatable); none means every device.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Recipe files; each command's artifact is read from beside its recipe.
+        #[arg(required = true)]
+        recipes: Vec<PathBuf>,
+    },
+}
+
+fn workloads(action: WorkloadsAction) -> ExitCode {
+    use cairn_fleet::workloads as wl;
+    let result = match action {
+        WorkloadsAction::Keygen { dir } => wl::keygen(&dir).map(|(key, public)| {
+            format!(
+                "wrote {} (private: keep it with the fleet) and {} (give it to every device)",
+                key.display(),
+                public.display()
+            )
+        }),
+        WorkloadsAction::Sign {
+            key,
+            serial,
+            devices,
+            out,
+            recipes,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            wl::build_set(&recipes, serial, devices, now).and_then(|set| {
+                let n = set.recipes.len();
+                wl::sign_to(&set, &key, &out).map(|bytes| {
+                    format!(
+                        "signed {n} recipe(s) as set {serial} into {} ({bytes} bytes)",
+                        out.display()
+                    )
+                })
+            })
+        }
+    };
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cairn-fleet: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -305,6 +382,7 @@ fn main() -> ExitCode {
         .init();
     let (listen, state, names, ready_file, export_url, policy) = match Args::parse().command {
         Cmd::Telemetry { state, json } => return telemetry(&state, json),
+        Cmd::Workloads { action } => return workloads(action),
         Cmd::Devices {
             state,
             json,

@@ -8,7 +8,7 @@ use crate::pki::{self, PkiError};
 use crate::store::{self, Store, StoreError, StoreLock};
 use cairn_proto::fleet::{
     ActivateRequest, AttestRequest, EnrollRequest, FleetError, FleetInfo, ACTIVATE_PATH,
-    ATTEST_PATH, CHALLENGE_PATH, DESIRED_STATE_PATH, ENROLL_PATH, FLEET_PROTOCOL_VERSION,
+    ATTEST_PATH, CHALLENGE_PATH, ENROLL_PATH, FLEET_PROTOCOL_VERSION,
     INFO_PATH,
 };
 use cairn_proto::telemetry::TELEMETRY_PATH;
@@ -72,6 +72,7 @@ pub struct Fleet {
     acceptor: tokio_rustls::TlsAcceptor,
     attestor: Arc<Mutex<Attestor>>,
     ingest: Arc<Mutex<Ingest>>,
+    workloads: Arc<PathBuf>,
     _lock: StoreLock,
     pub local_addr: SocketAddr,
 }
@@ -160,6 +161,7 @@ impl Fleet {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             attestor: Arc::new(Mutex::new(Attestor::new(opts.policy.clone(), store, id))),
             ingest: Arc::new(Mutex::new(ingest)),
+            workloads: Arc::new(opts.state.join(crate::workloads::DIR)),
             _lock: lock,
             local_addr,
         })
@@ -178,6 +180,7 @@ impl Fleet {
         tokio::spawn(serve_admin(self.admin, self.attestor.clone()));
         let attestor = self.attestor;
         let ingest = self.ingest;
+        let workloads = self.workloads;
         let _lock = self._lock;
         loop {
             let (tcp, peer) = match self.listener.accept().await {
@@ -191,6 +194,7 @@ impl Fleet {
             let acceptor = self.acceptor.clone();
             let attestor = attestor.clone();
             let ingest = ingest.clone();
+            let workloads = workloads.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(
                     std::time::Duration::from_secs(10),
@@ -209,8 +213,11 @@ impl Fleet {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let attestor = attestor.clone();
                     let ingest = ingest.clone();
+                    let workloads = workloads.clone();
                     let serial = serial.clone();
-                    async move { Ok::<_, hyper::Error>(route(req, attestor, ingest, serial).await) }
+                    async move {
+                        Ok::<_, hyper::Error>(route(req, attestor, ingest, &workloads, serial).await)
+                    }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
@@ -221,6 +228,15 @@ impl Fleet {
             });
         }
     }
+}
+
+fn status_only(status: StatusCode, etag: Option<&str>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    if let Some(v) = etag.and_then(|t| hyper::header::HeaderValue::from_str(t).ok()) {
+        resp.headers_mut().insert(hyper::header::ETAG, v);
+    }
+    resp
 }
 
 fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
@@ -331,6 +347,7 @@ async fn route(
     req: Request<Incoming>,
     attestor: Shared,
     ingest: Arc<Mutex<Ingest>>,
+    workloads: &std::path::Path,
     serial: Option<Vec<u8>>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
@@ -409,10 +426,33 @@ async fn route(
                 }
             }
         }
-        (&hyper::Method::GET, DESIRED_STATE_PATH) => {
+        (&hyper::Method::GET, cairn_proto::workload_set::WORKLOAD_SET_PATH) => {
             let device = or_return!(mtls_device(&attestor, serial));
-            let state = lock(&attestor).desired_state(&device);
-            json(StatusCode::OK, &state)
+            let tag = req
+                .headers()
+                .get(hyper::header::IF_NONE_MATCH)
+                .and_then(|v| v.to_str().ok());
+            match crate::workloads::current_set(workloads, &device) {
+                Ok(None) => status_only(StatusCode::NO_CONTENT, None),
+                Ok(Some((_, etag))) if tag == Some(etag.as_str()) => {
+                    status_only(StatusCode::NOT_MODIFIED, Some(&etag))
+                }
+                Ok(Some((bytes, etag))) => {
+                    let mut resp = status_only(StatusCode::OK, Some(&etag));
+                    *resp.body_mut() = Full::new(Bytes::from(bytes));
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(
+                            cairn_proto::workload_set::SET_MEDIA_TYPE,
+                        ),
+                    );
+                    resp
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "cannot read the workload set");
+                    error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                }
+            }
         }
         (_, path) => error(
             StatusCode::NOT_FOUND,

@@ -7,9 +7,9 @@
 //! not know fails the test rather than being skipped.
 
 use cairn_proto::fleet::{
-    ActivateRequest, AttestRequest, CertifiedKey, Challenge, Credential, DesiredState,
+    ActivateRequest, AttestRequest, CertifiedKey, Challenge, Credential,
     EnrollRequest, EnrollResponse, Evidence, FleetError, FleetInfo, Hex, PcrValue, Verdict,
-    ACTIVATE_PATH, ATTEST_PATH, CHALLENGE_PATH, DESIRED_STATE_PATH, ENROLL_PATH,
+    ACTIVATE_PATH, ATTEST_PATH, CHALLENGE_PATH, ENROLL_PATH,
     FLEET_PROTOCOL_VERSION, INFO_PATH,
 };
 use serde_json::{json, Value};
@@ -73,7 +73,6 @@ fn routes() -> Vec<Route> {
         ),
         r(CHALLENGE_PATH, "post", true, None, "Challenge"),
         r(ATTEST_PATH, "post", true, Some("AttestRequest"), "Verdict"),
-        r(DESIRED_STATE_PATH, "get", true, None, "DesiredState"),
     ]
 }
 
@@ -376,22 +375,6 @@ fn examples() -> Vec<(&'static str, Value)> {
             v(&AttestRequest {
                 challenge_id: "4be2a9107fd35c6e81b0c2d4e6f80a1c".into(),
                 evidence: evidence(None),
-            }),
-        ),
-        (
-            "DesiredState",
-            v(&DesiredState {
-                device_id: DEVICE.into(),
-                generation: 0,
-                workloads: Vec::new(),
-            }),
-        ),
-        (
-            "DesiredState",
-            v(&DesiredState {
-                device_id: DEVICE.into(),
-                generation: u64::MAX,
-                workloads: vec![json!({"name": "llm"}), json!(1)],
             }),
         ),
     ];
@@ -748,7 +731,6 @@ fn roundtrip(schema: &Value, value: &Value, at: &str) {
         "AttestRequest" => again::<AttestRequest>(value, at),
         "Challenge" => again::<Challenge>(value, at),
         "Verdict" => again::<Verdict>(value, at),
-        "DesiredState" => again::<DesiredState>(value, at),
         other => panic!("{at}: no Rust type mapped for schema {other}"),
     };
     assert_eq!(

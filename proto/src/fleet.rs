@@ -35,8 +35,6 @@ pub const ACTIVATE_PATH: &str = "/v1/activate";
 pub const CHALLENGE_PATH: &str = "/v1/challenge";
 /// `POST /v1/attest` (mTLS): a quote over the challenge's nonce. Answered by [`Verdict`].
 pub const ATTEST_PATH: &str = "/v1/attest";
-/// `GET /v1/desired-state` (mTLS): what the device should run. Answered by [`DesiredState`].
-pub const DESIRED_STATE_PATH: &str = "/v1/desired-state";
 
 /// Bytes on the wire, as lowercase hex (TPM structures are small; the event log is the largest field).
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -223,11 +221,3 @@ pub enum Verdict {
     },
 }
 
-/// What the device should run. The workloads issue fills in the content; today it is versioned and empty.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DesiredState {
-    pub device_id: String,
-    pub generation: u64,
-    pub workloads: Vec<serde_json::Value>,
-}

@@ -11,4 +11,6 @@
 pub mod control;
 pub mod eventlog;
 pub mod fleet;
+pub mod recipe;
 pub mod telemetry;
+pub mod workload_set;

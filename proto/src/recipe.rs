@@ -183,6 +183,17 @@ pub enum RecipeError {
     },
 }
 
+/// The 1-based line of a TOML error's span in `text`, for messages that name the line.
+pub fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
+    span.map(|s| {
+        text.as_bytes()[..s.start.min(text.len())]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    })
+}
+
 fn invalid(origin: &str, problem: impl Into<String>, fix: impl Into<String>) -> RecipeError {
     RecipeError::Invalid {
         origin: origin.to_owned(),
@@ -217,7 +228,7 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
 
 /// Parses and checks one recipe's text; `origin` names it in errors (a path, or a set entry).
 pub fn parse(origin: &str, text: &str) -> Result<Recipe, RecipeError> {
-    let line_of = |span| crate::config::line_of(text, span);
+    let line_of = |span| line_of(text, span);
     let recipe: Recipe =
         serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
             let at = line_of(e.inner().span())
