@@ -27,6 +27,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub power: PowerConfig,
     pub telemetry: TelemetryConfig,
+    pub workloads: WorkloadsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +111,34 @@ impl Default for TelemetryConfig {
             batch_records: 50_000,
             max_bytes_per_sec: 0,
             upload_interval_secs: 10,
+        }
+    }
+}
+
+/// Workloads: the signed set from the fleet, run as systemd units.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadsConfig {
+    /// The fleet's workload signer public key (PEM); without it the agent runs no workloads and says so.
+    pub signer_key: PathBuf,
+    /// D-Bus address of systemd's bus; "" is the system bus.
+    pub dbus_address: String,
+    /// Journal directory the units log to, for failure reports; "" is the host's journal.
+    pub journal_dir: PathBuf,
+    /// Seconds between asks to the fleet for a new set.
+    pub fetch_interval_secs: u64,
+    /// Seconds between full re-reads of unit state, besides the change signals systemd sends.
+    pub resync_interval_secs: u64,
+}
+
+impl Default for WorkloadsConfig {
+    fn default() -> Self {
+        WorkloadsConfig {
+            signer_key: "/etc/cairn/workload-signer.pub".into(),
+            dbus_address: String::new(),
+            journal_dir: PathBuf::new(),
+            fetch_interval_secs: 60,
+            resync_interval_secs: 30,
         }
     }
 }

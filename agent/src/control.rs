@@ -93,6 +93,7 @@ pub struct Context {
     /// The telemetry spool, when it opened, and the uplink's last word.
     pub spool: Option<std::sync::Arc<crate::spool::Spool>>,
     pub uplink: std::sync::Arc<std::sync::Mutex<crate::forward::UplinkState>>,
+    pub workloads: crate::workloads::Report,
 }
 
 pub async fn serve(listener: UnixListener, ctx: Context) {
@@ -167,6 +168,12 @@ async fn answer(line: &str, ctx: &Context) -> Response {
     }
     match req.command {
         Command::Status => Response::Status(Box::new(ctx.board.snapshot())),
+        Command::Workloads => Response::Workloads(
+            ctx.workloads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        ),
         Command::Telemetry => {
             let uplink = ctx.uplink.lock().unwrap_or_else(|p| p.into_inner()).clone();
             Response::Telemetry(crate::forward::status(ctx.spool.as_deref(), &uplink))

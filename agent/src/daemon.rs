@@ -271,6 +271,14 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         },
         None => None,
     };
+    let workloads_report = crate::workloads::Report::default();
+    let workloads_task = tokio::spawn(crate::workloads::run(
+        config.clone(),
+        board.clone(),
+        events.clone(),
+        workloads_report.clone(),
+        shutdown_tx.subscribe(),
+    ));
     let control_task = tokio::spawn(control::serve(
         listener,
         control::Context {
@@ -279,6 +287,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             sink: sink.clone(),
             spool: spool.clone(),
             uplink: uplink_state.clone(),
+            workloads: workloads_report,
         },
     ));
     let metrics_task = tokio::spawn(metrics::serve(
@@ -336,6 +345,8 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     if let Some(t) = forward_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
+    // Workload units are systemd's: they keep running, and the next agent adopts them.
+    let _ = tokio::time::timeout(Duration::from_secs(3), workloads_task).await;
     metrics_task.abort();
     fleet_task.abort();
     notify_task.abort();

@@ -6,6 +6,7 @@ pub mod collect;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod desired;
 pub mod discovery;
 pub mod forward;
 pub mod hardware;
@@ -15,12 +16,17 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod onboarding;
+pub mod reconcile;
 pub mod spool;
 pub mod status;
+pub mod systemd;
 pub mod telemetry;
 pub mod tpm_tls;
 pub mod uplink;
 pub mod view;
+pub mod workload_health;
+pub mod workload_unit;
+pub mod workloads;
 
 /// Recipes are parsed where the fleet signs them too; the agent uses the same schema and checks.
 pub use cairn_proto::recipe;

@@ -299,8 +299,8 @@ impl FleetClient {
             self.timeout,
             self.exchange_inner(method, path, body, None, MAX_BODY_BYTES),
         )
-            .await
-            .map_err(|_| UplinkError::Timeout { authority, secs })?
+        .await
+        .map_err(|_| UplinkError::Timeout { authority, secs })?
     }
 
     async fn exchange_inner(
@@ -416,7 +416,10 @@ pub enum SetAnswer {
     NoSet,
     /// The set the device holds (by ETag) is current.
     NotModified,
-    Set { bytes: Vec<u8>, etag: Option<String> },
+    Set {
+        bytes: Vec<u8>,
+        etag: Option<String>,
+    },
 }
 
 #[cfg(test)]

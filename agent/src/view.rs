@@ -238,3 +238,37 @@ pub fn telemetry(t: &TelemetryStatus) -> String {
     }
     out
 }
+
+/// `cairnctl workloads`: the set, then one block per workload.
+pub fn workloads(w: &cairn_proto::control::WorkloadsReport) -> String {
+    let mut out = format!(
+        "workload set: {}{} — {}\n",
+        w.state,
+        w.serial
+            .map(|s| format!(" (serial {s})"))
+            .unwrap_or_default(),
+        w.detail
+    );
+    if let Some(r) = &w.refused {
+        out.push_str(&format!("last set refused: {r}\n"));
+    }
+    if w.workloads.is_empty() {
+        out.push_str("no workloads\n");
+    }
+    for x in &w.workloads {
+        let running = x.running_version.as_deref().unwrap_or("-");
+        let desired = if x.desired_version.is_empty() {
+            "(removed)"
+        } else {
+            x.desired_version.as_str()
+        };
+        out.push_str(&format!(
+            "{:<24} {:<10} want {desired:<10} runs {running:<10} systemd {:<20} restarts {:<3} health {}\n  {}\n",
+            x.name, x.state, x.systemd, x.restarts, x.health, x.reason
+        ));
+        for l in &x.journal {
+            out.push_str(&format!("  | {l}\n"));
+        }
+    }
+    out
+}

@@ -50,6 +50,7 @@ fn ctx() -> control::Context {
         sink: cairn_agent::telemetry::LocalSink::default(),
         spool: None,
         uplink: Default::default(),
+        workloads: Default::default(),
     }
 }
 

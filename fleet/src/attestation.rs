@@ -15,8 +15,8 @@ use crate::quote::{self, QuoteRefusal};
 use crate::reference::Reference;
 use crate::store::{DeviceRecord, DeviceState, QuoteCounters, Reason, Store, StoreError};
 use cairn_proto::fleet::{
-    ActivateRequest, AttestRequest, Challenge, Credential, EnrollRequest,
-    EnrollResponse, Evidence, Hex, PcrValue, Verdict,
+    ActivateRequest, AttestRequest, Challenge, Credential, EnrollRequest, EnrollResponse, Evidence,
+    Hex, PcrValue, Verdict,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -8,8 +8,7 @@ use crate::pki::{self, PkiError};
 use crate::store::{self, Store, StoreError, StoreLock};
 use cairn_proto::fleet::{
     ActivateRequest, AttestRequest, EnrollRequest, FleetError, FleetInfo, ACTIVATE_PATH,
-    ATTEST_PATH, CHALLENGE_PATH, ENROLL_PATH, FLEET_PROTOCOL_VERSION,
-    INFO_PATH,
+    ATTEST_PATH, CHALLENGE_PATH, ENROLL_PATH, FLEET_PROTOCOL_VERSION, INFO_PATH,
 };
 use cairn_proto::telemetry::TELEMETRY_PATH;
 use http_body_util::{BodyExt, Full, Limited};
@@ -216,7 +215,9 @@ impl Fleet {
                     let workloads = workloads.clone();
                     let serial = serial.clone();
                     async move {
-                        Ok::<_, hyper::Error>(route(req, attestor, ingest, &workloads, serial).await)
+                        Ok::<_, hyper::Error>(
+                            route(req, attestor, ingest, &workloads, serial).await,
+                        )
                     }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()

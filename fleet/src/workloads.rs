@@ -198,9 +198,15 @@ mod tests {
     fn keygen_sign_and_serve_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let (key, public) = keygen(dir.path()).unwrap();
-        assert!(matches!(keygen(dir.path()), Err(WorkloadsError::Exists { .. })));
+        assert!(matches!(
+            keygen(dir.path()),
+            Err(WorkloadsError::Exists { .. })
+        ));
         let pem = std::fs::read(&public).unwrap();
-        let der = match rustls_pemfile::read_one(&mut pem.as_slice()).unwrap().unwrap() {
+        let der = match rustls_pemfile::read_one(&mut pem.as_slice())
+            .unwrap()
+            .unwrap()
+        {
             rustls_pemfile::Item::SubjectPublicKeyInfo(d) => d.to_vec(),
             other => panic!("{other:?}"),
         };

@@ -7,10 +7,9 @@
 //! not know fails the test rather than being skipped.
 
 use cairn_proto::fleet::{
-    ActivateRequest, AttestRequest, CertifiedKey, Challenge, Credential,
-    EnrollRequest, EnrollResponse, Evidence, FleetError, FleetInfo, Hex, PcrValue, Verdict,
-    ACTIVATE_PATH, ATTEST_PATH, CHALLENGE_PATH, ENROLL_PATH,
-    FLEET_PROTOCOL_VERSION, INFO_PATH,
+    ActivateRequest, AttestRequest, CertifiedKey, Challenge, Credential, EnrollRequest,
+    EnrollResponse, Evidence, FleetError, FleetInfo, Hex, PcrValue, Verdict, ACTIVATE_PATH,
+    ATTEST_PATH, CHALLENGE_PATH, ENROLL_PATH, FLEET_PROTOCOL_VERSION, INFO_PATH,
 };
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};

@@ -27,6 +27,8 @@ pub enum Command {
     Health,
     /// The telemetry spool and its uplink.
     Telemetry,
+    /// Desired workloads against what systemd runs.
+    Workloads,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +38,7 @@ pub enum Response {
     Attest(OnboardingStatus),
     Health(HealthReport),
     Telemetry(TelemetryStatus),
+    Workloads(WorkloadsReport),
     Error { message: String },
 }
 
@@ -288,4 +291,42 @@ pub struct TelemetryStatus {
     pub last_upload: Option<String>,
     /// Why nothing is sent right now, if so (not onboarded, spool unavailable…).
     pub waiting_for: Option<String>,
+}
+
+/// The workload set the agent holds and every workload's state, as `cairnctl workloads` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadsReport {
+    /// off, waiting, applied or error: whether the agent can run workloads at all.
+    pub state: String,
+    /// A sentence: what is wrong and the fix, or where the set came from.
+    pub detail: String,
+    /// Serial of the set being applied (the last good one), if any.
+    pub serial: Option<u64>,
+    /// The last set the fleet sent that was refused, and why; the last good set stays in force.
+    pub refused: Option<String>,
+    pub workloads: Vec<WorkloadStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadStatus {
+    pub name: String,
+    /// The version the set asks for ("" for a unit the set no longer lists, being removed).
+    pub desired_version: String,
+    /// The version systemd runs, if any.
+    pub running_version: Option<String>,
+    pub unit: Option<String>,
+    /// waiting, starting, running, replacing, restarting, completed, failed, stopping.
+    pub state: String,
+    /// systemd's ActiveState/SubState, e.g. "active/running".
+    pub systemd: String,
+    /// Restarts: systemd's (NRestarts) plus the agent's own after failed health checks.
+    pub restarts: u32,
+    /// ok, failing (n of m), unknown, or none (no check).
+    pub health: String,
+    /// Why it is in this state, as a sentence; what to do for failed.
+    pub reason: String,
+    /// The unit's last journal lines when it failed.
+    pub journal: Vec<String>,
 }

@@ -220,4 +220,3 @@ pub enum Verdict {
         retry_after_secs: u64,
     },
 }
-

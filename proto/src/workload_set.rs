@@ -88,7 +88,9 @@ pub enum SetError {
          give the device the fleet's workload-signer.pub, or sign with the matching key"
     )]
     UnknownSigner { found: String, expected: String },
-    #[error("the workload set's signature does not verify: it was altered or signed with another key")]
+    #[error(
+        "the workload set's signature does not verify: it was altered or signed with another key"
+    )]
     BadSignature,
     #[error("the workload set's payload does not decode ({0})")]
     Payload(String),
@@ -96,7 +98,9 @@ pub enum SetError {
     Recipe(#[from] recipe::RecipeError),
     #[error("the workload set is wrong: {0}")]
     Invalid(String),
-    #[error("the signer key is not a P-256 public key ({0}); give the fleet's workload-signer.pub")]
+    #[error(
+        "the signer key is not a P-256 public key ({0}); give the fleet's workload-signer.pub"
+    )]
     Key(String),
     #[error("cannot sign the workload set: {0}")]
     Sign(String),
@@ -183,11 +187,12 @@ pub fn verify(
     }
     let msg = CoseSign1::from_tagged_slice(bytes).map_err(|e| SetError::Cose(e.to_string()))?;
     let h = &msg.protected.header;
-    if h.alg != Some(coset::RegisteredLabelWithPrivate::Assigned(iana::Algorithm::ES256)) {
-        return Err(SetError::Header(format!(
-            "alg is {:?}, not ES256",
-            h.alg
-        )));
+    if h.alg
+        != Some(coset::RegisteredLabelWithPrivate::Assigned(
+            iana::Algorithm::ES256,
+        ))
+    {
+        return Err(SetError::Header(format!("alg is {:?}, not ES256", h.alg)));
     }
     if h.content_type != Some(coset::ContentType::Text(SET_CONTENT_TYPE.to_owned())) {
         return Err(SetError::Header(format!(
@@ -211,8 +216,8 @@ pub fn verify(
     msg.verify_signature(&[], |sig, tbs| key.verify(tbs, sig))
         .map_err(|_| SetError::BadSignature)?;
     let payload = msg.payload.as_deref().unwrap_or_default();
-    let set: WorkloadSet = coset::cbor::de::from_reader(payload)
-        .map_err(|e| SetError::Payload(e.to_string()))?;
+    let set: WorkloadSet =
+        coset::cbor::de::from_reader(payload).map_err(|e| SetError::Payload(e.to_string()))?;
     let recipes = check(&set)?;
     Ok((set, recipes))
 }
@@ -347,7 +352,11 @@ mod tests {
     #[test]
     fn a_signed_set_verifies_and_comes_back_in_start_order() {
         let k = key();
-        let s = set(vec![recipe("b", &["a"]), recipe("c", &[]), recipe("a", &["c"])]);
+        let s = set(vec![
+            recipe("b", &["a"]),
+            recipe("c", &[]),
+            recipe("a", &["c"]),
+        ]);
         let bytes = sign(&s, &k).unwrap();
         let (back, recipes) = verify(&bytes, &point(&k)).unwrap();
         assert_eq!(back, s);
@@ -361,10 +370,7 @@ mod tests {
         let k = key();
         let bytes = sign(&set(vec![recipe("a", &[])]), &k).unwrap();
         // Flip one byte of the payload (the recipe text sits in the middle).
-        let at = bytes
-            .windows(6)
-            .position(|w| w == b"exec s")
-            .unwrap();
+        let at = bytes.windows(6).position(|w| w == b"exec s").unwrap();
         let mut tampered = bytes.clone();
         tampered[at] ^= 0x20;
         assert!(matches!(
@@ -418,7 +424,10 @@ mod tests {
         let a = recipe("a", &[]);
         let mut b = a.clone();
         b.artifacts[0].sha256 = "00".repeat(32);
-        assert_ne!(recipe_digest(&a.toml, &a.artifacts), recipe_digest(&b.toml, &b.artifacts));
+        assert_ne!(
+            recipe_digest(&a.toml, &a.artifacts),
+            recipe_digest(&b.toml, &b.artifacts)
+        );
         assert_ne!(
             recipe_digest(&a.toml, &a.artifacts),
             recipe_digest(&format!("{} ", a.toml), &a.artifacts)

@@ -62,6 +62,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Desired workloads against what systemd runs: state, restarts, health and the reason. Exit code 0
+    /// when none has failed, 1 otherwise.
+    Workloads {
+        #[arg(long)]
+        json: bool,
+    },
     /// Workload recipes (recipes/*.toml).
     Recipe {
         #[command(subcommand)]
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
         Cmd::Attest { json } => attest(args.config, args.socket, *json),
         Cmd::Health { json } => health(args.config, args.socket, *json),
         Cmd::Telemetry { json } => telemetry(args.config, args.socket, *json),
+        Cmd::Workloads { json } => workloads(args.config, args.socket, *json),
         Cmd::Recipe {
             command: RecipeCmd::Check { files, json },
         } => recipe_check(files, *json),
@@ -193,6 +200,24 @@ fn telemetry(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) 
     ) {
         Ok(Response::Telemetry(t)) => {
             show(&t, json, view::telemetry).map_or_else(|c| c, |()| ExitCode::SUCCESS)
+        }
+        Ok(other) => unexpected(other),
+        Err(code) => code,
+    }
+}
+
+fn workloads(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    match ask(
+        config_path,
+        socket,
+        Command::Workloads,
+        Duration::from_secs(10),
+    ) {
+        Ok(Response::Workloads(w)) => {
+            if let Err(code) = show(&w, json, view::workloads) {
+                return code;
+            }
+            exit(!w.workloads.iter().any(|x| x.state == "failed"))
         }
         Ok(other) => unexpected(other),
         Err(code) => code,
