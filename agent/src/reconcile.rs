@@ -54,6 +54,8 @@ struct Runtime {
     retry_at: Option<Instant>,
     health: HealthTrack,
     agent_restarts: Vec<Instant>,
+    /// systemd counts the restart it then refused for the start limit; this many really happened.
+    restart_cap: Option<u32>,
     stop_requested: BTreeSet<String>,
     reported: String,
 }
@@ -429,9 +431,13 @@ impl<S: Systemd> Reconciler<S> {
                     let mut reason = if rs.policy == "no" {
                         format!("the job failed ({})", c.result)
                     } else {
+                        rt.restart_cap = Some(rs.max_restarts);
                         format!(
-                            "it kept failing ({}): systemd gave up after {} restart(s) (at most {} in {} s)",
-                            c.result, c.n_restarts, rs.max_restarts, rs.window_secs
+                            "it kept failing ({}): systemd restarted it {} time(s), then gave up (at most {} in {} s)",
+                            c.result,
+                            c.n_restarts.min(rs.max_restarts),
+                            rs.max_restarts,
+                            rs.window_secs
                         )
                     };
                     if let Some(v) = &old_version {
@@ -807,7 +813,8 @@ impl<S: Systemd> Reconciler<S> {
                 systemd: shown
                     .map(|u| format!("{}/{}", u.active_state, u.sub_state))
                     .unwrap_or_else(|| "-".into()),
-                restarts: shown.map_or(0, |u| u.n_restarts) + rt.agent_restarts.len() as u32,
+                restarts: shown.map_or(0, |u| u.n_restarts.min(rt.restart_cap.unwrap_or(u32::MAX)))
+                    + rt.agent_restarts.len() as u32,
                 health,
                 reason: rt.reason.clone(),
                 journal: rt.journal.clone(),
@@ -991,7 +998,11 @@ mod tests {
         r.tick().await;
         let s = r.state("cam");
         assert_eq!(s.state, "failed");
-        assert!(s.reason.contains("gave up after 5"), "{}", s.reason);
+        assert!(
+            s.reason.contains("restarted it 5 time(s), then gave up"),
+            "{}",
+            s.reason
+        );
         assert_eq!(s.journal.last().unwrap(), "Traceback: camera not found");
         let events = r.sink.recent_events();
         assert!(events.iter().any(|e| e.kind == EVENT_KIND

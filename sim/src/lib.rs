@@ -10,6 +10,7 @@
 //! use the same site (`just sim-up DIR`, `just sim-down DIR`).
 
 pub mod measured_boot;
+pub mod nspawn;
 pub mod nvme_fixtures;
 pub mod process;
 pub mod site;
