@@ -212,6 +212,120 @@ fn telemetry_bench(
     Ok(())
 }
 
+fn workloads(site: &Site) -> Option<cairn_proto::control::WorkloadsReport> {
+    match cairn_agent::control::request(
+        &site.env.control_socket,
+        Command::Workloads,
+        Duration::from_secs(5),
+    ) {
+        Ok(cairn_proto::control::Response::Workloads(w)) => Some(w),
+        _ => None,
+    }
+}
+
+/// A new signed set of `n` recipes to every unit active, against systemd in a bookworm container (the nspawn
+/// tier's): from the set written where the fleet serves it, and from the agent accepting it (the first part
+/// is the agent's fetch interval, 1 s here).
+fn workloads_bench(
+    dir: &std::path::Path,
+    fig: &mut impl FnMut(&'static str, f64, &'static str),
+) -> Result<(), Box<dyn std::error::Error>> {
+    use cairn_sim::nspawn::{self, Container};
+    let root = nspawn::rootfs(std::path::Path::new("target/tmp"))?;
+    std::fs::create_dir_all(dir)?;
+    let base = dir.canonicalize()?;
+    let container = Container::boot(&root, &base.join("nspawn"), &[&base])?;
+    let signer = base.join("signer");
+    let fleet = cairn_sim::process::bin_dir().join("cairn-fleet");
+    let ok = std::process::Command::new(&fleet)
+        .args(["workloads", "keygen", "--dir"])
+        .arg(&signer)
+        .status()?;
+    if !ok.success() {
+        return Err("cairn-fleet workloads keygen failed".into());
+    }
+    let mut site = Site::up(
+        &base.join("site"),
+        &SiteOptions {
+            extra_config: format!(
+                "[workloads]\nsigner_key = \"{}\"\ndbus_address = \"{}\"\njournal_dir = \"{}\"\nfetch_interval_secs = 1\n",
+                signer.join("workload-signer.pub").display(),
+                container.bus_address(),
+                container.journal_dir().display(),
+            ),
+            ..SiteOptions::default()
+        },
+    )?;
+    site.wait_onboarding("onboarded", Duration::from_secs(60))
+        .ok_or("the workloads site did not onboard within 60 s")?;
+    let recipes = base.join("recipes");
+    std::fs::create_dir_all(&recipes)?;
+    let out = site.env.fleet_state.join("workloads/default.cose");
+    let cases: [(usize, &'static str, &'static str); 2] = [
+        (
+            1,
+            "workload_set_to_active_1_recipe",
+            "workload_accepted_to_active_1_recipe",
+        ),
+        (
+            50,
+            "workload_set_to_active_50_recipes",
+            "workload_accepted_to_active_50_recipes",
+        ),
+    ];
+    for (serial, (n, total, after)) in cases.into_iter().enumerate() {
+        let mut files = Vec::new();
+        for i in 0..n {
+            let f = recipes.join(format!("s{serial}-w{i}.toml"));
+            std::fs::write(
+                &f,
+                format!("name = \"s{serial}-w{i}\"\nversion = \"1\"\n[run.command]\nargv = [\"/bin/busybox\", \"sleep\", \"100000\"]\n"),
+            )?;
+            files.push(f);
+        }
+        let t0 = Instant::now();
+        let ok = std::process::Command::new(&fleet)
+            .args(["workloads", "sign", "--key"])
+            .arg(signer.join("workload-signer.key"))
+            .args(["--serial", &(serial + 1).to_string(), "--out"])
+            .arg(&out)
+            .args(&files)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !ok.success() {
+            return Err("cairn-fleet workloads sign failed".into());
+        }
+        let mut accepted = None;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let w = workloads(&site).ok_or("cairnd stopped answering")?;
+            if accepted.is_none() && w.serial == Some(serial as u64 + 1) {
+                accepted = Some(Instant::now());
+            }
+            let prefix = format!("s{serial}-");
+            let up = w
+                .workloads
+                .iter()
+                .filter(|x| x.name.starts_with(&prefix) && x.state == "running")
+                .count();
+            // The previous case's units must be gone too: the set replaced them.
+            if up == n && w.workloads.len() == n {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{up} of {n} workloads active after 120 s").into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fig(total, t0.elapsed().as_secs_f64() * 1000.0, "ms");
+        if let Some(a) = accepted {
+            fig(after, a.elapsed().as_secs_f64() * 1000.0, "ms");
+        }
+    }
+    site.down();
+    Ok(())
+}
+
 fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>> {
     let mut figures = Vec::new();
     let mut fig = |metric, value, unit| {
@@ -376,6 +490,7 @@ fn run(dir: &std::path::Path) -> Result<Vec<Figure>, Box<dyn std::error::Error>>
         );
     }
     site.down();
+    workloads_bench(&dir.join("workloads"), &mut fig)?;
     Ok(figures)
 }
 
