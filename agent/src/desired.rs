@@ -133,13 +133,19 @@ impl Store {
         })
     }
 
-    /// Writes each recipe version's artifacts once (0755: the unit's dynamic user reads them).
+    /// Writes each recipe version's artifacts, unless they are there intact (0755: the unit's dynamic user
+    /// reads them).
     fn unpack(&self, recipes: &[VerifiedRecipe]) -> Result<(), DesiredError> {
         use std::os::unix::fs::PermissionsExt;
         for r in recipes {
             let dir = self.artifact_dir(&r.recipe.name, &r.digest);
             let done = dir.join(".complete");
-            if done.exists() {
+            // An artifact changed or damaged on disk is written again from the verified set.
+            if done.exists()
+                && r.artifacts
+                    .iter()
+                    .all(|a| std::fs::read(dir.join(&a.name)).is_ok_and(|d| d == a.data))
+            {
                 continue;
             }
             let err = |path: &Path| {
@@ -220,7 +226,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DesiredError> {
     let tmp = path.with_extension("part");
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    std::fs::rename(&tmp, path).map_err(err)?;
+    // The rename is durable only once the directory is: without this a power cut can bring back the old set.
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -286,6 +299,12 @@ mod tests {
         assert!(store
             .accept(&signed(&k, 6, &["dev"]), "dev", Some(5))
             .is_ok());
+
+        // An artifact altered on disk is written again from the verified set at load.
+        std::fs::write(&art, b"#!/bin/sh\nexec evil\n").unwrap();
+        let again = store.load().unwrap().unwrap();
+        let want = &again.recipes[0].artifacts[0].data;
+        assert_eq!(&std::fs::read(&art).unwrap(), want);
 
         // A kept file altered on disk is refused at load.
         let path = dir.path().join("workloads/desired.cose");

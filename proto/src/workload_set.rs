@@ -1,4 +1,4 @@
-//! The signed workload set: what the fleet says a site runs, as served on `GET /v1/desired-state`.
+//! The signed workload set: what the fleet says a site runs, as served on `GET /v1/workload-set`.
 //!
 //! A COSE_Sign1 (RFC 9052, tagged) signed ES256 by the fleet's workload signer, whose public key every
 //! device is given at install time. Its protected header carries alg, the content type
