@@ -231,6 +231,17 @@ pub fn check(set: &WorkloadSet) -> Result<Vec<VerifiedRecipe>, SetError> {
         let origin = format!("{} in the workload set", r.file);
         let recipe = recipe::parse(&origin, &r.toml)?;
         for a in &r.artifacts {
+            // Names become paths on the device: never outside the recipe's artifact directory.
+            let safe = !a.name.is_empty()
+                && std::path::Path::new(&a.name)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !safe {
+                return Err(SetError::Invalid(format!(
+                    "artifact {:?} of {} is not a relative path inside the recipe's directory",
+                    a.name, r.file
+                )));
+            }
             let actual = crate::fleet::to_hex(digest(&SHA256, &a.data).as_ref());
             if actual != a.sha256 {
                 return Err(SetError::Invalid(format!(
@@ -404,8 +415,15 @@ mod tests {
         missing.artifacts.clear();
         let mut bad_toml = recipe("c", &[]);
         bad_toml.toml.push_str("colour = \"red\"\n");
+        let mut escaping = recipe("d", &[]);
+        escaping.artifacts.push(Artifact {
+            name: "../../etc/cron.d/x".into(),
+            sha256: crate::fleet::to_hex(digest(&SHA256, b"x").as_ref()),
+            data: b"x".to_vec(),
+        });
         let cases = [
             (vec![wrong_digest], "SHA-256"),
+            (vec![escaping], "not a relative path"),
             (vec![missing], "does not carry"),
             (vec![bad_toml], "colour"),
             (vec![recipe("a", &[]), recipe("a", &[])], "two recipes"),
