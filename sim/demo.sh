@@ -35,11 +35,13 @@ wait_for() {
 step "Bringing up a simulated site in $dir"
 say "software TPM (swtpm, with an EK certificate) after a simulated measured boot (PCRs 0-7 and"
 say "an event log), the reference fleet over HTTPS, a fake NVIDIA driver with 8× H100, a fake sysfs"
-say "tree with 8 NVMe drives, and cairnd. Nobody types anything on the device."
-"$bin/cairn-sim" up "$dir" --trust operator --worn-drive 2 --failing-drive 5 >/dev/null
+say "tree with 8 NVMe drives, a booted systemd container for the workloads (systemd-nspawn; the first"
+say "run builds its Debian rootfs with mmdebstrap, under a minute), and cairnd. Nobody types anything on the device."
+"$bin/cairn-sim" up "$dir" --trust operator --worn-drive 2 --failing-drive 5 --workloads >/dev/null
 set -a; . "$dir/site.env"; set +a
 ok "swtpm pid $SWTPM_PID at $TPM_TCTI"
 ok "fleet pid $FLEET_PID at $FLEET_URL (its CA: $FLEET_STATE/ca.pem)"
+ok "systemd for workloads: nspawn pid $NSPAWN_PID, its system bus handed to cairnd"
 ok "cairnd pid $CAIRND_PID, config $CAIRN_CONFIG"
 
 fleet() { "$bin/cairn-fleet" devices --state "$FLEET_STATE" "$@"; }
@@ -127,6 +129,50 @@ say "the fleet's view: every sequence once, signed by the TPM's telemetry key (c
 "$bin/cairn-fleet" telemetry --state "$FLEET_STATE" | sed 's/^/   /'
 ok "the backlog arrived, checked against the key the AK certified at onboarding"
 
+workloads_json() { "$bin/cairnctl" workloads --json 2>/dev/null || true; }
+# wait_workloads SECONDS JQ-EXPRESSION: polls cairnctl workloads until the expression is true.
+wait_workloads() {
+    local deadline=$((SECONDS + $1))
+    until workloads_json | jq -e "$2" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || { "$bin/cairnctl" workloads | sed 's/^/   /'; fail "timed out waiting for: $2"; }
+        sleep 0.5
+    done
+}
+sign() { "$bin/cairn-fleet" workloads sign --key "$WORKLOAD_SIGNER" "$@" | sed 's/^/   /'; }
+sets="$FLEET_STATE/workloads"
+mkdir -p "$sets" "$dir/recipes"
+
+step "Workloads: the fleet signs what the site runs"
+say "two of the example recipes: camera-analytics (one GPU, HTTP health check, watchdog, needs a trusted"
+say "site) and nightly-report (a batch job after it). The fleet signs them as set 1 (COSE, ES256); the"
+say "device holds only the public key and fetches the set over mTLS"
+sign --serial 1 --out "$sets/default.cose" recipes/camera-analytics.toml recipes/nightly-report.toml
+wait_workloads 60 '[.workloads[] | select((.name == "camera-analytics" and .state == "running" and .health == "ok") or (.name == "nightly-report" and .state == "completed"))] | length == 2'
+"$bin/cairnctl" workloads | sed 's/^/   /'
+say "the service answers on the site: $(curl -fsS http://127.0.0.1:8080/counts)"
+bus=$(sed -n 's/^dbus_address = "\(.*\)"$/\1/p' "$CAIRN_CONFIG")
+say "its sandbox, as systemd holds it (busctl on the container's bus):"
+for prop in DynamicUser ProtectSystem MemoryMax CPUQuotaPerSecUSec DevicePolicy DeviceAllow; do
+    printf '   %-20s %s\n' "$prop" "$(DBUS_SYSTEM_BUS_ADDRESS=$bus busctl --system get-property org.freedesktop.systemd1 \
+        /org/freedesktop/systemd1/unit/cairn_2dwl_2dcamera_2danalytics_2eservice org.freedesktop.systemd1.Service "$prop")"
+done
+ok "converged: each workload a transient unit in cairn-workloads.slice, GPU 0 its only /dev/nvidia device"
+
+step "Workloads: a tampered set and a replayed one are refused"
+cp "$sets/default.cose" "$dir/set-1.cose"
+LC_ALL=C sed 's/8080/8081/' "$dir/set-1.cose" > "$sets/default.cose"
+wait_workloads 15 '.refused != null and (.refused | test("signature"))'
+"$bin/cairnctl" workloads | sed -n 's/^last set refused/   last set refused/p'
+cp recipes/camera-analytics.py recipes/nightly-report.sh "$dir/recipes/"
+sed 's/^version = "1.2.0"/version = "1.3.0"/' recipes/camera-analytics.toml > "$dir/recipes/camera-analytics.toml"
+sign --serial 2 --out "$sets/default.cose" "$dir/recipes/camera-analytics.toml" recipes/nightly-report.toml
+wait_workloads 60 '.serial == 2 and ([.workloads[] | select(.name == "camera-analytics" and .running_version == "1.3.0" and .state == "running")] | length == 1)'
+ok "set 2 replaced camera-analytics 1.2.0 with 1.3.0 (same port: stopped first, then started)"
+cp "$dir/set-1.cose" "$sets/default.cose"
+wait_workloads 15 '.refused != null and (.refused | test("not above"))'
+"$bin/cairnctl" workloads | sed -n 's/^last set refused/   last set refused/p'
+ok "the old, validly signed set 1 is refused as a replay; set 2 keeps running"
+
 step "Tampering: something measures itself into PCR 4 that the boot log does not show"
 tpm2_pcrextend -T "$TPM_TCTI" "4:sha256=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 if "$bin/cairnctl" attest | sed 's/^/   /'; then fail "the fleet trusted a tampered device"; fi
@@ -134,5 +180,4 @@ fleet | sed 's/^/   /'
 ok "refused, with the reason on both sides; the fleet no longer honours the device's certificate"
 
 step "Not yet in this build"
-say "running workloads — issue 6 (recipes check already: cairnctl recipe check recipes/*.toml); A/B image"
-say "and OTA — issue 7; console status and diagnostics — issue 8."
+say "the A/B image and OTA updates — issue 7; console status and diagnostics — issue 8."

@@ -2,7 +2,8 @@
 //! booted with `systemd-nspawn -b`, its system bus on a bind-mounted socket the agent on the host connects
 //! to. The container shares the host's network (health checks reach 127.0.0.1) and sees the given host
 //! directories at the same paths (the agent's artifact directories). Its journal is a host directory, so
-//! each boot starts with an empty one and the host reads it with `journalctl --directory`.
+//! each boot starts with an empty one and the host reads it with `journalctl --directory`. The rootfs itself is
+//! booted volatile: whatever the container writes is gone when it stops.
 //!
 //! The sandbox does not enforce cgroup limits (no delegated cgroup tree); tests read the properties back
 //! instead, and leave enforcement to the qemu tier.
@@ -11,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Packages beyond minbase: systemd as PID 1, the bus, and busybox for test workloads (httpd, nc, sh).
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,libpam-systemd,busybox";
+/// Packages beyond minbase: systemd as PID 1, the bus, busybox for test workloads (httpd, nc, sh) and
+/// python3 for the shipped example recipes.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,libpam-systemd,busybox,python3";
+/// The cached rootfs's name; a new one whenever PACKAGES changes, so an old cache is not taken for it.
+const ROOTFS: &str = "nspawn-bookworm-v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NspawnError {
@@ -37,10 +41,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NspawnError + '_ {
 
 /// The rootfs under `cache` (e.g. target/tmp), made on first use; a lock keeps parallel callers to one build.
 pub fn rootfs(cache: &Path) -> Result<PathBuf, NspawnError> {
-    let root = cache.join("nspawn-bookworm");
-    let ready = cache.join("nspawn-bookworm.ready");
+    let root = cache.join(ROOTFS);
+    let ready = cache.join(format!("{ROOTFS}.ready"));
     std::fs::create_dir_all(cache).map_err(io(cache))?;
-    let lock_path = cache.join("nspawn-bookworm.lock");
+    let lock_path = cache.join(format!("{ROOTFS}.lock"));
     let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
     let lock =
         nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
@@ -70,13 +74,23 @@ pub fn rootfs(cache: &Path) -> Result<PathBuf, NspawnError> {
     Ok(root)
 }
 
-/// A booted container; powered off when dropped.
+/// Where the rootfs is cached when no test names a directory: `target/tmp`, as `cargo test` has it.
+pub fn default_cache() -> PathBuf {
+    let bins = crate::process::bin_dir();
+    bins.parent().unwrap_or(&bins).join("tmp")
+}
+
+/// The name `systemd-nspawn` runs under, for stopping a detached container by PID.
+pub const PROGRAM: &str = "systemd-nspawn";
+
+/// A booted container; powered off when dropped, unless detached.
 #[derive(Debug)]
 pub struct Container {
     child: Child,
     bus_dir: PathBuf,
     journal: PathBuf,
     log: PathBuf,
+    detached: bool,
 }
 
 impl Container {
@@ -94,6 +108,8 @@ impl Container {
         cmd.arg("--directory")
             .arg(root)
             .args(["--register=no", "--keep-unit", "--boot", "--quiet"])
+            // Writes go to a tmpfs over the cached rootfs, so no run leaves anything in it for the next.
+            .arg("--volatile=overlay")
             .arg(format!("--bind={}:/run/dbus", bus_dir.display()))
             .arg(format!("--bind={}:/var/log/journal", journal.display()));
         for s in share {
@@ -111,6 +127,7 @@ impl Container {
             bus_dir,
             journal,
             log,
+            detached: false,
         };
         let wait = Duration::from_secs(30);
         let started = Instant::now();
@@ -219,8 +236,19 @@ pub fn unit_path(unit: &str) -> String {
     p
 }
 
+impl Container {
+    /// Leaves the container running after this value is dropped; returns nspawn's PID to stop it by.
+    pub fn detach(mut self) -> u32 {
+        self.detached = true;
+        self.child.id()
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         // SIGTERM asks nspawn to shut the container down cleanly; it usually takes a second or two.
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -11,6 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// nspawn shuts the container's systemd down on SIGTERM, which takes a few seconds.
+const NSPAWN_GRACE: Duration = Duration::from_secs(20);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,10 @@ pub enum SiteError {
         "a site is already running in {dir} (cairnd pid {pid}); run `just sim-down {dir}` first"
     )]
     AlreadyUp { dir: PathBuf, pid: u32 },
+    #[error("the workloads' systemd container did not start")]
+    Nspawn(#[from] crate::nspawn::NspawnError),
+    #[error("cannot make the workload signer")]
+    Signer(#[from] cairn_fleet::workloads::WorkloadsError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SiteError + '_ {
@@ -65,6 +71,9 @@ pub struct SiteOptions {
     pub reattest_secs: u64,
     /// TOML appended to cairnd.toml: tables the site does not write itself (`[telemetry]`, `[health]`, …).
     pub extra_config: String,
+    /// Boot a systemd container (see [`crate::nspawn`]) for workloads, make a workload signer in
+    /// `DIR/signer`, and point cairnd's `[workloads]` at both; `extra_config` must then not hold that table.
+    pub workloads: bool,
 }
 
 /// How the site's fleet learns to trust the site's TPM.
@@ -93,6 +102,7 @@ impl Default for SiteOptions {
             image_version: "0.1.0".into(),
             reattest_secs: 30,
             extra_config: String::new(),
+            workloads: false,
         }
     }
 }
@@ -110,6 +120,10 @@ pub struct SiteEnv {
     pub metrics_url: String,
     pub fake_nvml_config: PathBuf,
     pub control_socket: PathBuf,
+    /// The workloads' systemd container (`systemd-nspawn`), 0 when the site has none.
+    pub nspawn_pid: u32,
+    /// The workload signer's private key, empty when the site has no workloads.
+    pub workload_signer: PathBuf,
 }
 
 impl SiteEnv {
@@ -125,6 +139,8 @@ impl SiteEnv {
         let _ = writeln!(s, "METRICS_URL={}", self.metrics_url);
         let _ = writeln!(s, "FAKE_NVML_CONFIG={}", self.fake_nvml_config.display());
         let _ = writeln!(s, "CONTROL_SOCKET={}", self.control_socket.display());
+        let _ = writeln!(s, "NSPAWN_PID={}", self.nspawn_pid);
+        let _ = writeln!(s, "WORKLOAD_SIGNER={}", self.workload_signer.display());
         s
     }
 
@@ -155,6 +171,8 @@ impl SiteEnv {
             metrics_url: get("METRICS_URL")?,
             fake_nvml_config: get("FAKE_NVML_CONFIG")?.into(),
             control_socket: get("CONTROL_SOCKET")?.into(),
+            nspawn_pid: pid("NSPAWN_PID")?,
+            workload_signer: get("WORKLOAD_SIGNER")?.into(),
         })
     }
 }
@@ -258,6 +276,8 @@ impl Site {
                 metrics_url: String::new(),
                 fake_nvml_config: gpus,
                 control_socket: dir.join("run/control.sock"),
+                nspawn_pid: 0,
+                workload_signer: PathBuf::new(),
             },
             dir: dir.clone(),
             stop_on_drop: true,
@@ -270,6 +290,12 @@ impl Site {
         site.prepare_trust(opts, &sysroot)?;
         site.start_fleet_on("127.0.0.1:0")?;
 
+        let workloads = if opts.workloads {
+            site.start_workload_host()?
+        } else {
+            String::new()
+        };
+
         let metrics_port = free_port()?;
         site.env.metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
         let config = format!(
@@ -279,7 +305,7 @@ impl Site {
              [fleet]\nurl = \"{url}\"\nca_file = \"{ca}\"\ncheck_interval_secs = 1\ntimeout_secs = 3\n\
              provisioning_paths = [\"{provision}\"]\ndiscover_srv = false\nretry_min_secs = 1\nretry_max_secs = 10\n\n\
              [hardware]\nsys_root = \"{sysroot}\"\nnvml_library = \"{nvml}\"\npoll_interval_secs = {poll}\nnvme_interval_secs = {poll}\n\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}",
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{workloads}{extra}",
             dir = dir.display(),
             data = dir.join("agent/data").display(),
             sock = site.env.control_socket.display(),
@@ -532,6 +558,31 @@ impl Site {
         std::fs::rename(&tmp, path).map_err(io(path))
     }
 
+    /// A workload signer in `DIR/signer` and a booted systemd container (first use builds its rootfs, about
+    /// half a minute); returns the `[workloads]` table that points cairnd at both.
+    fn start_workload_host(&mut self) -> Result<String, SiteError> {
+        let signer = self.dir.join("signer");
+        use cairn_fleet::workloads::{keygen, KEY_FILE, PUBLIC_FILE};
+        // A site brought up again in the same directory keeps its signer, like a real fleet.
+        let (key, public) = if signer.join(KEY_FILE).exists() {
+            (signer.join(KEY_FILE), signer.join(PUBLIC_FILE))
+        } else {
+            keygen(&signer)?
+        };
+        self.env.workload_signer = key;
+        let root = crate::nspawn::rootfs(&crate::nspawn::default_cache())?;
+        let container =
+            crate::nspawn::Container::boot(&root, &self.dir.join("nspawn"), &[&self.dir])?;
+        let table = format!(
+            "\n[workloads]\nsigner_key = \"{}\"\ndbus_address = \"{}\"\njournal_dir = \"{}\"\nfetch_interval_secs = 2\nresync_interval_secs = 10\n",
+            public.display(),
+            container.bus_address(),
+            container.journal_dir().display(),
+        );
+        self.env.nspawn_pid = container.detach();
+        Ok(table)
+    }
+
     /// Stops everything the site started. Returns the names of processes that had to be SIGKILLed.
     pub fn down(&mut self) -> Vec<&'static str> {
         self.stop_on_drop = false;
@@ -541,6 +592,11 @@ impl Site {
         }
         if process::stop(self.env.fleet_pid, "cairn-fleet", STOP_GRACE) {
             killed.push("cairn-fleet");
+        }
+        if self.env.nspawn_pid != 0
+            && process::stop(self.env.nspawn_pid, crate::nspawn::PROGRAM, NSPAWN_GRACE)
+        {
+            killed.push(crate::nspawn::PROGRAM);
         }
         let _ = Swtpm::stop(&self.dir.join("tpm"));
         killed
@@ -552,6 +608,7 @@ impl Site {
             ("cairnd", self.env.cairnd_pid),
             ("cairn-fleet", self.env.fleet_pid),
             ("swtpm", self.env.swtpm_pid),
+            (crate::nspawn::PROGRAM, self.env.nspawn_pid),
         ]
         .into_iter()
         .filter(|&(name, pid)| pid != 0 && process::is_running(pid, name))

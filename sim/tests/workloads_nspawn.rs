@@ -417,3 +417,64 @@ fn workloads_converge_replace_fail_and_are_adopted_under_a_real_systemd() {
     eprintln!("whole lifecycle in {:?}", started.elapsed());
     site.down();
 }
+
+/// The shipped examples, as `just demo` runs them: a site brought up with its own systemd container runs
+/// camera-analytics (GPU, HTTP health, watchdog, attestation) and then nightly-report; the podman sidecar,
+/// with no podman in the container, is reported failed with systemd's words; `down` stops the container.
+#[test]
+fn a_site_with_workloads_runs_the_shipped_example_recipes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut site = Site::up(
+        &tmp.path().join("site"),
+        &SiteOptions {
+            gpu_profile: "l4x1".into(),
+            workloads: true,
+            ..SiteOptions::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(site.env.nspawn_pid, 0);
+    site.wait_onboarding("onboarded", Duration::from_secs(60))
+        .expect("onboarded");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    let sets = site.env.fleet_state.join("workloads");
+    std::fs::create_dir_all(&sets).unwrap();
+    sign(
+        &site.env.workload_signer.clone(),
+        1,
+        &sets.join("default.cose"),
+        &[
+            "camera-analytics.toml",
+            "nightly-report.toml",
+            "metrics-sidecar.toml",
+        ]
+        .map(|f| examples.join(f)),
+    );
+    wait_workload(&site, "camera-analytics", 60, "running and healthy", |w| {
+        w.state == "running" && w.health == "ok"
+    });
+    wait_workload(&site, "nightly-report", 30, "completed", |w| {
+        w.state == "completed"
+    });
+    let sidecar = wait_workload(&site, "metrics-sidecar", 60, "failed", |w| {
+        w.state == "failed"
+    });
+    assert!(
+        sidecar
+            .journal
+            .iter()
+            .any(|l| l.contains("/usr/bin/podman")),
+        "{sidecar:#?}"
+    );
+    let counts = std::process::Command::new("curl")
+        .args(["-sf", "http://127.0.0.1:8080/counts"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&counts.stdout).contains("\"people\""),
+        "{counts:?}"
+    );
+    let pid = site.env.nspawn_pid;
+    site.down();
+    assert!(!cairn_sim::process::is_running(pid, nspawn::PROGRAM));
+}

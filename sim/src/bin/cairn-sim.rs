@@ -40,6 +40,10 @@ enum Cmd {
         /// Give NVMe drive N a failing SMART log (critical warnings, spare below threshold); repeatable.
         #[arg(long = "failing-drive", value_name = "N")]
         failing: Vec<usize>,
+        /// Run workloads: boot a systemd container (systemd-nspawn; the first time builds its rootfs with
+        /// mmdebstrap, about half a minute) and make a workload signer in DIR/signer.
+        #[arg(long)]
+        workloads: bool,
     },
     /// Stop everything `up` started in DIR.
     Down { dir: PathBuf },
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
             trust,
             worn,
             failing,
+            workloads,
         } => {
             let mut opts = SiteOptions {
                 gpu_profile: gpus,
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
                     "operator" => Trust::Operator,
                     _ => Trust::EkCertificate,
                 },
+                workloads,
                 ..SiteOptions::default()
             };
             opts.tree.nvme_drives = nvme;
