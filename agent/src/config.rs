@@ -28,6 +28,7 @@ pub struct Config {
     pub power: PowerConfig,
     pub telemetry: TelemetryConfig,
     pub workloads: WorkloadsConfig,
+    pub gate: GateConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,6 +140,34 @@ impl Default for WorkloadsConfig {
             journal_dir: PathBuf::new(),
             fetch_interval_secs: 60,
             resync_interval_secs: 30,
+        }
+    }
+}
+
+/// The boot health gate (`cairnctl gate`): what this box must see locally before a boot counts as good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// Where the data partition is mounted; the gate fails when nothing is.
+    pub data_mount: PathBuf,
+    /// Fail when the agent cannot use the TPM.
+    pub require_tpm: bool,
+    /// Fail with fewer GPUs visible than this (the image for a GPU box sets it).
+    pub expect_gpus: u32,
+    /// Fail with fewer NVMe drives visible than this.
+    pub expect_nvme: u32,
+    /// How long to wait for the agent to answer and probe what the gate needs.
+    pub timeout_secs: u64,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            data_mount: "/var".into(),
+            require_tpm: true,
+            expect_gpus: 0,
+            expect_nvme: 0,
+            timeout_secs: 120,
         }
     }
 }
@@ -529,6 +558,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             c.telemetry.upload_interval_secs,
         ),
         ("fleet.retry_min_secs", c.fleet.retry_min_secs),
+        ("gate.timeout_secs", c.gate.timeout_secs),
     ] {
         if secs == 0 {
             return Err(ConfigError::invalid(

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod desired;
 pub mod discovery;
 pub mod forward;
+pub mod gate;
 pub mod hardware;
 pub mod health;
 pub mod identity;

@@ -2,7 +2,7 @@
 //! Exit codes: 0 ok, 1 error, 2 usage, 69 cairnd not reachable, 78 configuration error.
 
 use cairn_agent::control::{self, ControlError};
-use cairn_agent::{attestation, config, view};
+use cairn_agent::{attestation, config, gate, view};
 use cairn_proto::control::{Command, Response};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -68,6 +68,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The boot health gate, run by cairn-health-gate.service before boot-complete.target: waits for the
+    /// agent, then checks the data partition, the TPM and the expected GPUs and SSDs (never the uplink).
+    /// Exit code 0 when this boot is good, 1 otherwise.
+    Gate {
+        #[arg(long)]
+        json: bool,
+    },
     /// Workload recipes (recipes/*.toml).
     Recipe {
         #[command(subcommand)]
@@ -95,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Health { json } => health(args.config, args.socket, *json),
         Cmd::Telemetry { json } => telemetry(args.config, args.socket, *json),
         Cmd::Workloads { json } => workloads(args.config, args.socket, *json),
+        Cmd::Gate { json } => gate(args.config, args.socket, *json),
         Cmd::Recipe {
             command: RecipeCmd::Check { files, json },
         } => recipe_check(files, *json),
@@ -264,6 +272,41 @@ fn attest(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> 
         Ok(other) => unexpected(other),
         Err(code) => code,
     }
+}
+
+/// Asks the agent until it has probed what the gate needs or the gate's timeout passes, then judges.
+fn gate(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let socket = socket.unwrap_or_else(|| config.agent.control_socket.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(config.gate.timeout_secs);
+    let status = loop {
+        let answer = match control::request(&socket, Command::Status, Duration::from_secs(10)) {
+            Ok(Response::Status(s)) => Ok(*s),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(cairn_agent::error_chain(&e)),
+        };
+        let done = match &answer {
+            Ok(s) => gate::settled(&config.gate, s),
+            Err(_) => false,
+        };
+        if done || std::time::Instant::now() >= deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let verdict = gate::judge(
+        &config.gate,
+        &mountinfo,
+        status.as_ref().map_err(Clone::clone),
+    );
+    if show(&verdict, json, gate::render).is_err() {
+        return ExitCode::FAILURE;
+    }
+    exit(verdict.passed)
 }
 
 fn load_config(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
