@@ -440,6 +440,13 @@ impl<S: Systemd> Reconciler<S> {
                             rs.window_secs
                         )
                     };
+                    if let Some(why) = c
+                        .exit_status
+                        .and_then(|st| setup_failure(st, &workload_unit::program(&r.recipe)))
+                    {
+                        reason.push_str("; ");
+                        reason.push_str(&why);
+                    }
                     if let Some(v) = &old_version {
                         reason.push_str(&format!("; version {v} keeps running"));
                     }
@@ -836,6 +843,24 @@ fn set(rt: &mut Runtime, state: &str, reason: String) {
     }
 }
 
+/// What systemd's own exit statuses (200–243, see systemd.exec(5)) mean for a workload. The journal says
+/// it too, but journald can drop the attribution of a process that dies at once, so the reason says it.
+fn setup_failure(status: i32, program: &str) -> Option<String> {
+    let what = match status {
+        200 => "its working directory could not be entered".to_owned(),
+        203 => format!(
+            "systemd could not execute {program}: it is missing or not executable on this image"
+        ),
+        217 | 216 => "its user or group could not be set up".to_owned(),
+        226 => "its sandbox (mount namespace) could not be set up".to_owned(),
+        s if (200..=243).contains(&s) => {
+            format!("systemd could not set up its process (status {status}, see systemd.exec(5))")
+        }
+        _ => return None,
+    };
+    Some(what)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1012,6 +1037,31 @@ mod tests {
         let n = fake.calls().len();
         r.tick().await;
         assert_eq!(fake.calls().len(), n);
+    }
+
+    #[tokio::test]
+    async fn a_program_systemd_cannot_execute_is_named_in_the_reason_even_with_no_journal() {
+        let fake = Fake::default();
+        let mut r = rig(&fake, Duration::from_millis(100));
+        r.apply(vec![recipe("cam", "1", "")]).await;
+        let unit = "cairn-wl-cam.service";
+        fake.set(unit, "failed", "failed", "exit-code", 5);
+        fake.set_exit_status(unit, 203);
+        r.tick().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        r.tick().await;
+        let s = r.state("cam");
+        assert_eq!(s.state, "failed");
+        assert!(
+            s.reason
+                .contains("systemd could not execute /bin/sleep: it is missing or not executable"),
+            "{}",
+            s.reason
+        );
+        // A program's own exit status is its business, not systemd's.
+        assert_eq!(setup_failure(1, "/bin/sleep"), None);
+        assert_eq!(setup_failure(244, "/bin/sleep"), None);
+        assert!(setup_failure(238, "x").unwrap().contains("status 238"));
     }
 
     #[tokio::test]

@@ -53,6 +53,9 @@ pub struct UnitState {
     pub result: String,
     pub n_restarts: u32,
     pub main_pid: u32,
+    /// ExecMainStatus when the main process exited (ExecMainCode is CLD_EXITED); 200–243 are systemd's
+    /// own codes for a process it could not set up (203 is EXEC), which the journal may not say.
+    pub exit_status: Option<i32>,
     /// The unit's Environment=, where the agent keeps which recipe version it runs.
     pub environment: Vec<String>,
 }
@@ -251,12 +254,24 @@ impl Dbus {
                 .get("MainPID")
                 .and_then(|v| u32::try_from(v.clone()).ok())
                 .unwrap_or(0),
+            exit_status: exit_status(&s),
             environment: s
                 .get("Environment")
                 .and_then(|v| Vec::<String>::try_from(v.clone()).ok())
                 .unwrap_or_default(),
         }))
     }
+}
+
+/// CLD_EXITED from waitid(2): ExecMainStatus is then an exit status, not a signal number.
+const CLD_EXITED: i32 = 1;
+
+fn exit_status(service: &HashMap<String, zbus::OwnedVariant>) -> Option<i32> {
+    let int = |k: &str| service.get(k).and_then(|v| i32::try_from(v.clone()).ok());
+    if int("ExecMainCode")? != CLD_EXITED {
+        return None;
+    }
+    int("ExecMainStatus")
 }
 
 fn is_unknown_object(e: &zbus::Error) -> bool {
@@ -467,12 +482,22 @@ impl Fake {
                 s.sub_state = sub.into();
                 s.result = result.into();
                 s.n_restarts = restarts;
+                s.exit_status = (result == "exit-code").then_some(1);
             }
             i.watchers.clone()
         });
         for w in watchers {
             let _ = w.try_send(unit.to_owned());
         }
+    }
+
+    /// The main process's last exit status, as systemd's ExecMainStatus.
+    pub fn set_exit_status(&self, unit: &str, status: i32) {
+        self.with(|i| {
+            if let Some((_, s)) = i.units.get_mut(unit) {
+                s.exit_status = Some(status);
+            }
+        });
     }
 
     pub fn set_journal(&self, unit: &str, lines: &[&str]) {
@@ -505,6 +530,7 @@ impl Systemd for Fake {
                 result: "success".into(),
                 n_restarts: 0,
                 main_pid: 1000 + i.next_pid,
+                exit_status: None,
                 environment: env,
             };
             i.units.insert(spec.unit.clone(), (spec.clone(), state));

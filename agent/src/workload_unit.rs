@@ -40,6 +40,19 @@ fn usec(secs: u64) -> u64 {
     secs.saturating_mul(1_000_000)
 }
 
+/// The program the unit's ExecStart runs: podman for an image, else the command, inside the artifact
+/// mount when it is the shipped artifact.
+pub fn program(recipe: &Recipe) -> String {
+    match &recipe.run {
+        Run::Command { argv, artifact } => match (argv.first(), artifact) {
+            (Some(p), Some(a)) if p == a => format!("{ARTIFACT_MOUNT}/{}/{a}", recipe.name),
+            (Some(p), _) => p.clone(),
+            (None, _) => String::new(),
+        },
+        Run::Image { .. } => PODMAN.into(),
+    }
+}
+
 /// The unit for `recipe` at `digest`, its artifacts in `artifact_dir`, given `gpus`.
 pub fn spec(
     recipe: &Recipe,
@@ -73,10 +86,10 @@ pub fn spec(
     match &recipe.run {
         Run::Command { argv, artifact } => {
             let mut argv = argv.clone();
-            if let Some(a) = artifact {
-                if argv[0] == *a {
-                    argv[0] = format!("{mount}/{a}");
-                }
+            if let Some(first) = argv.first_mut() {
+                *first = program(recipe);
+            }
+            if artifact.is_some() {
                 put(
                     "BindReadOnlyPaths",
                     Prop::Binds(vec![(
