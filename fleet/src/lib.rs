@@ -13,6 +13,7 @@ pub mod reference;
 pub mod remote_write;
 pub mod server;
 pub mod store;
+pub mod update_repo;
 pub mod workloads;
 
 /// An error and its sources as one line, for logs and command output.

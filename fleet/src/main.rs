@@ -68,6 +68,145 @@ enum Cmd {
         #[command(subcommand)]
         action: WorkloadsAction,
     },
+    /// The OTA update channel: a TUF repository of image releases (see docs/image.md).
+    Update {
+        #[command(subcommand)]
+        action: UpdateAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum UpdateAction {
+    /// Make the update signer DIR/update-signer.key (keep it with the fleet). The repository's root.json,
+    /// made at the first publish, is what every image is built with.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Make the repository's root.json, the trust anchor images are built with (image/build.sh
+    /// --update-root), before anything is published. Publishing makes it too when it is missing.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Publish an image (target/image/cairn-VERSION.json and the files beside it) as a release, or publish
+    /// an existing release again with a new --max-wave or --allow-downgrade.
+    Publish {
+        /// The repository: STATE/update for `serve` to serve it. Created at the first publish.
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// The update signer (update-signer.key).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The image manifest from image/build.sh.
+        #[arg(long, value_name = "JSON")]
+        image: PathBuf,
+        /// Devices whose update.wave is at most this take the release (0-9; 9 is every device).
+        #[arg(long, default_value_t = cairn_proto::update::MAX_WAVE)]
+        max_wave: u32,
+        /// Allow devices running a newer version to install this one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Days the signed timestamp stays valid; devices take no update from an expired repository.
+        #[arg(long, default_value_t = 30)]
+        timestamp_days: i64,
+        /// Releases to keep; older ones and the chunks only they use are removed.
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+    },
+}
+
+/// A one-shot command's message on stdout, or its error (with causes) on stderr.
+fn print_outcome<E: std::error::Error>(result: Result<String, E>) -> ExitCode {
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cairn-fleet: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn update(action: UpdateAction) -> ExitCode {
+    use cairn_fleet::update_repo as ur;
+    let result = match action {
+        UpdateAction::Keygen { dir } => ur::keygen(&dir)
+            .map(|key| format!("wrote {} (private: keep it with the fleet)", key.display())),
+        UpdateAction::Init { repo, key } => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(ur::init(&repo, &key)).map(|(path, made)| {
+                if made {
+                    format!(
+                        "wrote {} (build images with --update-root {})",
+                        path.display(),
+                        path.display()
+                    )
+                } else {
+                    format!("{} already exists; kept it", path.display())
+                }
+            }),
+            Err(e) => {
+                eprintln!("cairn-fleet: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        UpdateAction::Publish {
+            repo,
+            key,
+            image,
+            max_wave,
+            allow_downgrade,
+            timestamp_days,
+            keep,
+        } => {
+            let publish = ur::Publish {
+                repo: repo.clone(),
+                key,
+                image,
+                max_wave,
+                allow_downgrade,
+                timestamp_days,
+                keep,
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cairn-fleet: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(ur::publish(&publish)).map(|p| {
+                let removed = if p.removed_versions.is_empty() {
+                    String::new()
+                } else {
+                    let v: Vec<String> = p.removed_versions.iter().map(|v| v.to_string()).collect();
+                    format!("; removed {}", v.join(", "))
+                };
+                format!(
+                    "published {} as repository version {} in {}: {} chunks, {} new ({} bytes compressed){removed}; \
+                     devices trust {}",
+                    p.version,
+                    p.targets_version,
+                    repo.display(),
+                    p.chunks,
+                    p.new_chunks,
+                    p.new_chunk_bytes,
+                    ur::root_path(&repo).display()
+                )
+            })
+        }
+    };
+    print_outcome(result)
 }
 
 #[derive(Subcommand)]
@@ -130,16 +269,7 @@ fn workloads(action: WorkloadsAction) -> ExitCode {
             })
         }
     };
-    match result {
-        Ok(msg) => {
-            println!("{msg}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("cairn-fleet: {}", error_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
+    print_outcome(result)
 }
 
 #[derive(Subcommand)]
@@ -383,6 +513,7 @@ fn main() -> ExitCode {
     let (listen, state, names, ready_file, export_url, policy) = match Args::parse().command {
         Cmd::Telemetry { state, json } => return telemetry(&state, json),
         Cmd::Workloads { action } => return workloads(action),
+        Cmd::Update { action } => return update(action),
         Cmd::Devices {
             state,
             json,

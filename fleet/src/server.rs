@@ -71,7 +71,7 @@ pub struct Fleet {
     acceptor: tokio_rustls::TlsAcceptor,
     attestor: Arc<Mutex<Attestor>>,
     ingest: Arc<Mutex<Ingest>>,
-    workloads: Arc<PathBuf>,
+    state: Arc<PathBuf>,
     _lock: StoreLock,
     pub local_addr: SocketAddr,
 }
@@ -160,7 +160,7 @@ impl Fleet {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             attestor: Arc::new(Mutex::new(Attestor::new(opts.policy.clone(), store, id))),
             ingest: Arc::new(Mutex::new(ingest)),
-            workloads: Arc::new(opts.state.join(crate::workloads::DIR)),
+            state: Arc::new(opts.state.clone()),
             _lock: lock,
             local_addr,
         })
@@ -179,7 +179,7 @@ impl Fleet {
         tokio::spawn(serve_admin(self.admin, self.attestor.clone()));
         let attestor = self.attestor;
         let ingest = self.ingest;
-        let workloads = self.workloads;
+        let state = self.state;
         let _lock = self._lock;
         loop {
             let (tcp, peer) = match self.listener.accept().await {
@@ -193,7 +193,7 @@ impl Fleet {
             let acceptor = self.acceptor.clone();
             let attestor = attestor.clone();
             let ingest = ingest.clone();
-            let workloads = workloads.clone();
+            let state = state.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(
                     std::time::Duration::from_secs(10),
@@ -212,12 +212,10 @@ impl Fleet {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let attestor = attestor.clone();
                     let ingest = ingest.clone();
-                    let workloads = workloads.clone();
+                    let state = state.clone();
                     let serial = serial.clone();
                     async move {
-                        Ok::<_, hyper::Error>(
-                            route(req, attestor, ingest, &workloads, serial).await,
-                        )
+                        Ok::<_, hyper::Error>(route(req, attestor, ingest, &state, serial).await)
                     }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -348,7 +346,7 @@ async fn route(
     req: Request<Incoming>,
     attestor: Shared,
     ingest: Arc<Mutex<Ingest>>,
-    workloads: &std::path::Path,
+    state: &std::path::Path,
     serial: Option<Vec<u8>>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
@@ -433,7 +431,7 @@ async fn route(
                 .headers()
                 .get(hyper::header::IF_NONE_MATCH)
                 .and_then(|v| v.to_str().ok());
-            match crate::workloads::current_set(workloads, &device) {
+            match crate::workloads::current_set(&state.join(crate::workloads::DIR), &device) {
                 Ok(None) => status_only(StatusCode::NO_CONTENT, None),
                 Ok(Some((_, etag))) if tag == Some(etag.as_str()) => {
                     status_only(StatusCode::NOT_MODIFIED, Some(&etag))
@@ -455,11 +453,63 @@ async fn route(
                 }
             }
         }
+        (&hyper::Method::GET, path) if path.starts_with(cairn_proto::update::UPDATE_PATH) => {
+            // The update repository is public: TUF signatures, not the channel, make it trustworthy,
+            // and a device not yet onboarded must be able to update.
+            update_file(
+                &state.join(crate::update_repo::DIR),
+                &path[cairn_proto::update::UPDATE_PATH.len()..],
+            )
+            .await
+        }
         (_, path) => error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("{method} {path} is not part of fleet protocol v1"),
         ),
+    }
+}
+
+/// One file of the update repository: `metadata/<file>` or `targets/<file>`, nothing else.
+async fn update_file(repo: &std::path::Path, rel: &str) -> Response<Full<Bytes>> {
+    let plain = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with('.')
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+    };
+    let parts: Vec<&str> = rel.split('/').collect();
+    let allowed = match parts.as_slice() {
+        ["metadata", file] => plain(file),
+        ["targets", file] => plain(file),
+        _ => false,
+    };
+    let missing = || {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("the update repository has no {rel}"),
+        )
+    };
+    if !allowed {
+        return missing();
+    }
+    match tokio::fs::read(repo.join(rel)).await {
+        Ok(bytes) => {
+            let mut resp = status_only(StatusCode::OK, None);
+            *resp.body_mut() = Full::new(Bytes::from(bytes));
+            resp
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing(),
+        Err(e) => {
+            tracing::error!(file = %repo.join(rel).display(), error = %e, "cannot read the update repository");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot read {rel}"),
+            )
+        }
     }
 }
 

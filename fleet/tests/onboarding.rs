@@ -316,7 +316,9 @@ fn replayed_and_expired_nonces_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = Device::new(tmp.path(), EkAlgorithm::Rsa2048);
     let mut policy = allow(&dev);
-    policy.nonce_ttl = Duration::from_secs(1);
+    // Long enough that an activation against swtpm on a loaded 2-core CI machine still answers in time.
+    let ttl = Duration::from_secs(5);
+    policy.nonce_ttl = ttl;
     let mut fleet = Fleet::new(policy);
     let EnrollResponse::Challenge {
         device_id,
@@ -339,9 +341,10 @@ fn replayed_and_expired_nonces_are_refused() {
     );
 
     // A re-attestation answered after the challenge expired.
+    let issued = std::time::Instant::now();
     let ch = fleet.a().reattestation_challenge(&device_id).unwrap();
     let evidence = dev.evidence(&ch.nonce.0);
-    std::thread::sleep(Duration::from_millis(1100));
+    std::thread::sleep((ttl + Duration::from_millis(200)).saturating_sub(issued.elapsed()));
     let v = fleet
         .a()
         .attest(

@@ -2,6 +2,7 @@
 //!
 //! Two protocols live here, each versioned on its own:
 //! - [`control`]: the local control socket between `cairnctl` and `cairnd` (JSON lines over a Unix socket);
+//! - [`update`]: the release manifest of the OTA update channel (a TUF target);
 //! - [`fleet`]: the agent-initiated HTTPS protocol between a device and its fleet backend;
 //!   [`telemetry`] holds its signed telemetry batches (CBOR in COSE_Sign1).
 //!
@@ -13,4 +14,5 @@ pub mod eventlog;
 pub mod fleet;
 pub mod recipe;
 pub mod telemetry;
+pub mod update;
 pub mod workload_set;
