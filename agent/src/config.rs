@@ -29,6 +29,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub workloads: WorkloadsConfig,
     pub gate: GateConfig,
+    pub update: UpdateConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +169,93 @@ impl Default for GateConfig {
             expect_gpus: 0,
             expect_nvme: 0,
             timeout_secs: 120,
+        }
+    }
+}
+
+/// OTA updates from a TUF repository into the inactive A/B slot (docs/image.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    /// The repository's trust anchor (its root.json), built into the image; without it the agent takes no
+    /// updates and says so.
+    pub root_file: PathBuf,
+    /// Where the repository is: "" is the fleet's (`<fleet.url>/v1/update/`, over its TLS with fleet.ca_file),
+    /// or a `file:///` directory holding `metadata/` and `targets/` (a USB stick).
+    pub repository: String,
+    /// Seconds between checks; the fleet or `cairnctl update check` can ask for one sooner.
+    pub check_interval_secs: u64,
+    /// Rebooting into a written update happens only inside this daily window, "HH:MM-HH:MM" in UTC
+    /// (it may wrap midnight); "" is any time. Checking and writing happen at any time.
+    pub window: String,
+    /// This device's rollout wave, 0-9: it takes a release published with `max_wave` at or above it.
+    /// The default, 9, takes only releases rolled out to every device; canary sites use 0.
+    pub wave: u32,
+    /// Boots a new slot gets to pass the health gate before systemd-boot falls back.
+    pub boot_tries: u32,
+    /// Reboot by itself (in the window) once an update is written; false leaves the reboot to an operator.
+    pub reboot: bool,
+    /// The mounted ESP (systemd-boot's entries and the slots' kernels).
+    pub esp: PathBuf,
+    /// Directory of partitions by GPT label (root-a, root-a-verity, root-b, root-b-verity).
+    pub partitions: PathBuf,
+    /// Where the running slot (`cairn.slot=`) and version (IMAGE_VERSION) are read.
+    pub cmdline: PathBuf,
+    pub os_release: PathBuf,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            root_file: "/usr/lib/cairn/update-root.json".into(),
+            repository: String::new(),
+            check_interval_secs: 4 * 3600,
+            window: String::new(),
+            wave: cairn_proto::update::MAX_WAVE,
+            boot_tries: 3,
+            reboot: true,
+            esp: "/efi".into(),
+            partitions: "/dev/disk/by-partlabel".into(),
+            cmdline: "/proc/cmdline".into(),
+            os_release: "/usr/lib/os-release".into(),
+        }
+    }
+}
+
+/// A daily window in minutes after midnight UTC, `start..end` (wrapping midnight when end < start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Window {
+    /// "" is no window (any time).
+    pub fn parse(s: &str) -> Result<Option<Window>, String> {
+        if s.trim().is_empty() {
+            return Ok(None);
+        }
+        let minutes = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60 && t.trim().len() == 5).then_some(h * 60 + m)
+        };
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} has no '-'"))?;
+        match (minutes(a), minutes(b)) {
+            (Some(start), Some(end)) if start != end => Ok(Some(Window { start, end })),
+            (Some(_), Some(_)) => Err(format!("{s:?} starts where it ends")),
+            _ => Err(format!("{s:?} is not HH:MM-HH:MM")),
+        }
+    }
+
+    pub fn contains(&self, unix_secs: u64) -> bool {
+        let m = ((unix_secs / 60) % (24 * 60)) as u32;
+        if self.start < self.end {
+            (self.start..self.end).contains(&m)
+        } else {
+            m >= self.start || m < self.end
         }
     }
 }
@@ -559,6 +647,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ),
         ("fleet.retry_min_secs", c.fleet.retry_min_secs),
         ("gate.timeout_secs", c.gate.timeout_secs),
+        ("update.check_interval_secs", c.update.check_interval_secs),
     ] {
         if secs == 0 {
             return Err(ConfigError::invalid(
@@ -567,6 +656,34 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
                 "give it a number of seconds of at least 1",
             ));
         }
+    }
+    if let Err(e) = Window::parse(&c.update.window) {
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `update.window`: {e}"),
+            "give a daily window in UTC such as \"01:00-04:30\" (it may wrap midnight), or \"\" for any time",
+        ));
+    }
+    if c.update.wave > cairn_proto::update::MAX_WAVE {
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `update.wave` is {}", c.update.wave),
+            "give a wave from 0 (first, canaries) to 9 (last, the default)",
+        ));
+    }
+    if c.update.boot_tries == 0 || c.update.boot_tries > 9 {
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `update.boot_tries` is {}", c.update.boot_tries),
+            "give 1 to 9 boots (default 3)",
+        ));
+    }
+    if !c.update.repository.is_empty() && !c.update.repository.starts_with("file:///") {
+        return Err(ConfigError::invalid(
+            origin,
+            format!("key `update.repository` is {:?}", c.update.repository),
+            "leave it empty for the fleet's repository, or give a file:/// directory",
+        ));
     }
     if c.telemetry.batch_records == 0 {
         return Err(ConfigError::invalid(
@@ -879,6 +996,18 @@ mod tests {
                 "[telemetry]\nbatch_records = 0\n",
                 "telemetry.batch_records",
             ),
+            ("[update]\nwindow = \"25:00-03:00\"\n", "update.window"),
+            ("[update]\nwindow = \"0100-0300\"\n", "update.window"),
+            ("[update]\nwave = 10\n", "update.wave"),
+            ("[update]\nboot_tries = 0\n", "update.boot_tries"),
+            (
+                "[update]\nrepository = \"http://x/\"\n",
+                "update.repository",
+            ),
+            (
+                "[update]\ncheck_interval_secs = 0\n",
+                "update.check_interval_secs",
+            ),
         ] {
             let d = dirs();
             std::fs::write(d.site.join("cairnd.toml"), text).unwrap();
@@ -886,6 +1015,19 @@ mod tests {
             assert!(err.contains(key), "{text:?} gave: {err}");
             assert!(err.contains("fix:"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_maintenance_window_may_wrap_midnight() {
+        let at = |h: u64, m: u64| 86_400 * 20_000 + h * 3600 + m * 60;
+        let w = Window::parse("01:00-04:30").unwrap().unwrap();
+        assert!(w.contains(at(1, 0)) && w.contains(at(4, 29)));
+        assert!(!w.contains(at(4, 30)) && !w.contains(at(0, 59)));
+        let w = Window::parse("22:00-02:00").unwrap().unwrap();
+        assert!(w.contains(at(23, 0)) && w.contains(at(1, 59)));
+        assert!(!w.contains(at(2, 0)) && !w.contains(at(21, 59)));
+        assert_eq!(Window::parse("").unwrap(), None);
+        assert!(Window::parse("03:00-03:00").is_err());
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct Context {
     pub spool: Option<std::sync::Arc<crate::spool::Spool>>,
     pub uplink: std::sync::Arc<std::sync::Mutex<crate::forward::UplinkState>>,
     pub workloads: crate::workloads::Report,
+    pub update: crate::update::StatusHandle,
+    /// Asks the updater for a check now.
+    pub update_check: Option<mpsc::Sender<()>>,
 }
 
 pub async fn serve(listener: UnixListener, ctx: Context) {
@@ -168,6 +171,17 @@ async fn answer(line: &str, ctx: &Context) -> Response {
     }
     match req.command {
         Command::Status => Response::Status(Box::new(ctx.board.snapshot())),
+        Command::UpdateStatus => Response::Update(ctx.update.snapshot()),
+        Command::UpdateCheck => match &ctx.update_check {
+            // A full queue means a check is already due: that one answers the request too.
+            Some(tx) => {
+                let _ = tx.try_send(());
+                Response::Update(ctx.update.snapshot())
+            }
+            None => Response::Error {
+                message: "updates are off: the image has no update channel (see `cairnctl update status`)".into(),
+            },
+        },
         Command::Workloads => Response::Workloads(
             ctx.workloads
                 .lock()

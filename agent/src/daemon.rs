@@ -221,7 +221,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
                     match &result {
                         Ok(_) => tracing::info!(%url, "fleet reachable"),
                         Err(e) => {
-                            tracing::warn!(%url, reason = %e, "fleet unreachable")
+                            tracing::warn!(%url, reason = %e, "fleet {url} unreachable: {e}")
                         }
                     }
                     was_ok = Some(ok);
@@ -279,6 +279,32 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
         workloads_report.clone(),
         shutdown_tx.subscribe(),
     ));
+    let update_status = crate::update::StatusHandle::default();
+    let (update_tx, update_rx) = tokio::sync::mpsc::channel(1);
+    let updater = std::sync::Arc::new(crate::update::Updater::new(
+        &config.update,
+        &config.agent.data_dir,
+        std::sync::Arc::new(crate::update::slots::Esp {
+            esp: config.update.esp.clone(),
+            partitions: config.update.partitions.clone(),
+            cmdline: config.update.cmdline.clone(),
+            os_release: config.update.os_release.clone(),
+        }),
+        std::sync::Arc::new(crate::update::SystemdReboot),
+        events.clone(),
+        update_status.clone(),
+    ));
+    let update_task = {
+        let (board, cfg, fleet) = (board.clone(), config.update.clone(), config.fleet.clone());
+        let source = move || update_source(&cfg, &fleet, &board);
+        tokio::spawn(crate::update::run(
+            updater,
+            source,
+            update_rx,
+            shutdown_tx.subscribe(),
+            Duration::from_secs(config.update.check_interval_secs),
+        ))
+    };
     let control_task = tokio::spawn(control::serve(
         listener,
         control::Context {
@@ -288,6 +314,8 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             spool: spool.clone(),
             uplink: uplink_state.clone(),
             workloads: workloads_report,
+            update: update_status,
+            update_check: Some(update_tx),
         },
     ));
     let metrics_task = tokio::spawn(metrics::serve(
@@ -347,6 +375,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     }
     // Workload units are systemd's: they keep running, and the next agent adopts them.
     let _ = tokio::time::timeout(Duration::from_secs(3), workloads_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), update_task).await;
     metrics_task.abort();
     fleet_task.abort();
     notify_task.abort();
@@ -366,4 +395,37 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&config.agent.control_socket);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The update channel's location: a configured directory, or the fleet onboarding found (or the configured one).
+fn update_source(
+    cfg: &crate::config::UpdateConfig,
+    fleet: &crate::config::FleetConfig,
+    board: &StatusBoard,
+) -> Result<crate::update::channel::Source, crate::update::UpdateError> {
+    use crate::update::{channel::Source, UpdateError};
+    if !cfg.repository.is_empty() {
+        let url = url::Url::parse(&cfg.repository).map_err(|e| {
+            UpdateError::Channel(format!("update.repository {:?}: {e}", cfg.repository))
+        })?;
+        return Ok(Source::Directory(url));
+    }
+    let url = board
+        .snapshot()
+        .onboarding
+        .fleet_url
+        .unwrap_or_else(|| fleet.url.clone());
+    if url.is_empty() {
+        return Err(UpdateError::NoFleet);
+    }
+    let base = url::Url::parse(&url)
+        .and_then(|u| u.join(cairn_proto::update::UPDATE_PATH))
+        .map_err(|e| UpdateError::Channel(format!("fleet URL {url:?}: {e}")))?;
+    let client = FleetClient::new(
+        &url,
+        &fleet.ca_file,
+        Duration::from_secs(fleet.timeout_secs.max(30)),
+    )
+    .map_err(|e| UpdateError::Channel(crate::error_chain(&e)))?;
+    Ok(Source::Fleet { client, base })
 }

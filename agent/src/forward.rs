@@ -234,9 +234,9 @@ impl Forwarder {
                         failures - 1,
                         f.retry_min_secs,
                         f.retry_max_secs,
-                        jitter(),
+                        crate::onboarding::jitter_unit(),
                     );
-                    tracing::warn!(%reason, retry_in_secs = secs, "telemetry upload failed");
+                    tracing::warn!(%reason, retry_in_secs = secs, "telemetry upload failed ({reason}); retrying in {secs} s");
                     self.set(|s| {
                         s.last_upload_unix = Some(now_unix());
                         s.last_upload = Some(reason);
@@ -365,10 +365,4 @@ impl Forwarder {
         }
         Ok(Some((ack, full)))
     }
-}
-
-fn jitter() -> f64 {
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
 }

@@ -23,6 +23,7 @@ pub mod status;
 pub mod systemd;
 pub mod telemetry;
 pub mod tpm_tls;
+pub mod update;
 pub mod uplink;
 pub mod view;
 pub mod workload_health;

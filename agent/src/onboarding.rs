@@ -222,7 +222,8 @@ pub fn backoff(attempt: u32, min: u64, max: u64, jitter_unit: f64) -> u64 {
     (jittered.round() as u64).clamp(1, max.max(1))
 }
 
-fn jitter_unit() -> f64 {
+/// A uniform number in [0, 1] for [`backoff`], so a fleet's boxes do not retry in step.
+pub fn jitter_unit() -> f64 {
     let mut b = [0u8; 4];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)

@@ -212,6 +212,26 @@ impl FleetClient {
         Ok(self.exchange(hyper::Method::GET, path, None).await?.body)
     }
 
+    /// One file of the fleet's update repository, `uri` under `/v1/update/`; `None` when the fleet has none.
+    pub async fn update_file(&self, uri: &str, limit: usize) -> Result<Option<Bytes>, UplinkError> {
+        let path = cairn_proto::update::UPDATE_PATH;
+        let authority = self.url.authority();
+        let secs = self.timeout.as_secs();
+        let answer = tokio::time::timeout(
+            self.timeout,
+            self.exchange_inner(hyper::Method::GET, path, uri, None, None, limit),
+        )
+        .await
+        .map_err(|_| UplinkError::Timeout { authority, secs })?;
+        match answer {
+            Ok(a) => Ok(Some(a.body)),
+            Err(
+                UplinkError::Refused { status: 404, .. } | UplinkError::Status { status: 404, .. },
+            ) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET /v1/workload-set`, conditional on the ETag of the set the device holds.
     pub async fn workload_set(&self, etag: Option<&str>) -> Result<SetAnswer, UplinkError> {
         let path = cairn_proto::workload_set::WORKLOAD_SET_PATH;
@@ -219,7 +239,7 @@ impl FleetClient {
         let secs = self.timeout.as_secs();
         let answer = tokio::time::timeout(
             self.timeout,
-            self.exchange_inner(hyper::Method::GET, path, None, etag, MAX_SET_BYTES),
+            self.exchange_inner(hyper::Method::GET, path, path, None, etag, MAX_SET_BYTES),
         )
         .await
         .map_err(|_| UplinkError::Timeout { authority, secs })??;
@@ -297,16 +317,18 @@ impl FleetClient {
         let secs = self.timeout.as_secs();
         tokio::time::timeout(
             self.timeout,
-            self.exchange_inner(method, path, body, None, MAX_BODY_BYTES),
+            self.exchange_inner(method, path, path, body, None, MAX_BODY_BYTES),
         )
         .await
         .map_err(|_| UplinkError::Timeout { authority, secs })?
     }
 
+    /// `uri` is what is asked for; `path` names the route in errors.
     async fn exchange_inner(
         &self,
         method: hyper::Method,
         path: &'static str,
+        uri: &str,
         body: Option<(Vec<u8>, &'static str)>,
         if_none_match: Option<&str>,
         limit: usize,
@@ -339,7 +361,7 @@ impl FleetClient {
                 source,
             })?;
         let conn = tokio::spawn(conn);
-        let mut req = hyper::Request::builder().method(method).uri(path);
+        let mut req = hyper::Request::builder().method(method).uri(uri);
         if let Some((_, content_type)) = &body {
             req = req.header(hyper::header::CONTENT_TYPE, *content_type);
         }

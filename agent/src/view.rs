@@ -272,3 +272,80 @@ pub fn workloads(w: &cairn_proto::control::WorkloadsReport) -> String {
     }
     out
 }
+
+/// `cairnctl update status`: where the update stands, with a progress bar while a slot is written.
+pub fn update(u: &cairn_proto::update::UpdateStatus) -> String {
+    use cairn_proto::update::UpdatePhase;
+    let mut out = String::new();
+    let running = u
+        .running
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let _ = writeln!(
+        out,
+        "running    {running} (slot {})",
+        if u.slot.is_empty() { "?" } else { &u.slot }
+    );
+    let target = match (u.target, &u.target_slot) {
+        (Some(v), Some(s)) => format!("{v} into slot {s}"),
+        _ => String::new(),
+    };
+    let phase = match u.phase {
+        UpdatePhase::Idle => "idle".to_string(),
+        UpdatePhase::Writing => format!("writing {target}"),
+        UpdatePhase::Staged => {
+            format!("staged {target}: waiting for the maintenance window to reboot")
+        }
+        UpdatePhase::Trying => format!("trying {target}: this boot must pass the health gate"),
+    };
+    let _ = writeln!(out, "update     {phase}");
+    if u.chunks_total > 0 && u.phase != UpdatePhase::Idle {
+        const WIDTH: u64 = 30;
+        let filled = (u.chunks_done.min(u.chunks_total) * WIDTH / u.chunks_total) as usize;
+        let _ = writeln!(
+            out,
+            "progress   [{}{}] {:>3}%  {}/{} chunks ({} local, {} downloaded, {:.1} MiB)",
+            "#".repeat(filled),
+            ".".repeat(WIDTH as usize - filled),
+            u.chunks_done * 100 / u.chunks_total,
+            u.chunks_done,
+            u.chunks_total,
+            u.chunks_local,
+            u.chunks_fetched,
+            u.bytes_fetched as f64 / 1_048_576.0
+        );
+    }
+    if let Some(at) = u.last_check_unix {
+        let _ = writeln!(out, "checked    {}", crate::view::ago_unix(at));
+    }
+    if let Some(e) = &u.last_error {
+        let _ = writeln!(out, "problem    {e}");
+    }
+    if let Some(o) = &u.last_outcome {
+        let _ = writeln!(
+            out,
+            "last       {} ({})",
+            o.message,
+            crate::view::ago_unix(o.at_unix)
+        );
+    }
+    if !u.failed.is_empty() {
+        let v: Vec<String> = u.failed.iter().map(|v| v.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "refused    {} (failed their trial boot; a newer release is needed)",
+            v.join(", ")
+        );
+    }
+    out
+}
+
+/// "3 min ago" for a Unix time.
+pub fn ago_unix(at: u64) -> String {
+    let secs = crate::status::now_unix().saturating_sub(at);
+    match secs {
+        0..=119 => format!("{secs} s ago"),
+        120..=7199 => format!("{} min ago", secs / 60),
+        _ => format!("{} h ago", secs / 3600),
+    }
+}

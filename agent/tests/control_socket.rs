@@ -51,6 +51,8 @@ fn ctx() -> control::Context {
         spool: None,
         uplink: Default::default(),
         workloads: Default::default(),
+        update: Default::default(),
+        update_check: None,
     }
 }
 
@@ -95,6 +97,54 @@ async fn status_round_trip_and_bad_requests() {
         control::bind(&path),
         Err(ControlError::InUse { .. })
     ));
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_status_and_a_check_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.sock");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let server = tokio::spawn(control::serve(
+        control::bind(&path).unwrap(),
+        control::Context {
+            update_check: Some(tx),
+            ..ctx()
+        },
+    ));
+    let p = path.clone();
+    let (status, check) = tokio::task::spawn_blocking(move || {
+        (
+            control::request(&p, Command::UpdateStatus, Duration::from_secs(5)).unwrap(),
+            control::request(&p, Command::UpdateCheck, Duration::from_secs(5)).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(status, Response::Update(ref u) if u.phase == cairn_proto::update::UpdatePhase::Idle),
+        "{status:?}"
+    );
+    assert!(matches!(check, Response::Update(_)), "{check:?}");
+    assert_eq!(
+        rx.try_recv(),
+        Ok(()),
+        "the check request reached the updater"
+    );
+    server.abort();
+
+    // Without an updater the request is refused with the reason.
+    let path = dir.path().join("d.sock");
+    let server = tokio::spawn(control::serve(control::bind(&path).unwrap(), ctx()));
+    let answer = tokio::task::spawn_blocking(move || {
+        control::request(&path, Command::UpdateCheck, Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(answer, Err(ControlError::Refused { ref message }) if message.contains("updates are off")),
+        "{answer:?}"
+    );
     server.abort();
 }
 

@@ -29,6 +29,11 @@ pub enum Command {
     Telemetry,
     /// Desired workloads against what systemd runs.
     Workloads,
+    /// Where the OTA update stands.
+    UpdateStatus,
+    /// Check the update channel now (outside the schedule); answers with the status once the check is done
+    /// or a write has started.
+    UpdateCheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +44,7 @@ pub enum Response {
     Health(HealthReport),
     Telemetry(TelemetryStatus),
     Workloads(WorkloadsReport),
+    Update(crate::update::UpdateStatus),
     Error { message: String },
 }
 

@@ -80,6 +80,29 @@ enum Cmd {
         #[command(subcommand)]
         command: RecipeCmd,
     },
+    /// OTA updates (docs/image.md).
+    Update {
+        #[command(subcommand)]
+        command: UpdateCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UpdateCmd {
+    /// Where the update stands: running version and slot, the update being written (with progress), staged
+    /// or tried, the last outcome. Exit code 0 unless the last check failed or the last update fell back.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Redraw every second until the update is no longer being written.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Check the update channel now instead of at the next scheduled check.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,6 +129,18 @@ fn main() -> ExitCode {
         Cmd::Recipe {
             command: RecipeCmd::Check { files, json },
         } => recipe_check(files, *json),
+        Cmd::Update {
+            command: UpdateCmd::Status { json, follow },
+        } => update(
+            args.config,
+            args.socket,
+            Command::UpdateStatus,
+            *json,
+            *follow,
+        ),
+        Cmd::Update {
+            command: UpdateCmd::Check { json },
+        } => update(args.config, args.socket, Command::UpdateCheck, *json, false),
     }
 }
 
@@ -211,6 +246,40 @@ fn telemetry(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) 
         }
         Ok(other) => unexpected(other),
         Err(code) => code,
+    }
+}
+
+fn update(
+    config_path: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    command: Command,
+    json: bool,
+    follow: bool,
+) -> ExitCode {
+    loop {
+        let u = match ask(
+            config_path.clone(),
+            socket.clone(),
+            command.clone(),
+            Duration::from_secs(10),
+        ) {
+            Ok(Response::Update(u)) => u,
+            Ok(other) => return unexpected(other),
+            Err(code) => return code,
+        };
+        let writing = u.phase == cairn_proto::update::UpdatePhase::Writing;
+        if follow && !json {
+            // Clear the screen and redraw: a field tech watches one picture, not a scroll.
+            print!("\x1b[H\x1b[2J");
+        }
+        if let Err(code) = show(&u, json, view::update) {
+            return code;
+        }
+        if !(follow && writing) {
+            let fell_back = u.last_outcome.as_ref().is_some_and(|o| !o.succeeded);
+            return exit(u.last_error.is_none() && !fell_back);
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
