@@ -28,8 +28,11 @@ build:
 demo: deps build
     sim/demo.sh
 
-# Every test tier: unit, swtpm, cairnd process, simulated site.
-test: deps build
+# Every test tier: the host tiers, then the qemu tier (README: what each costs).
+test: test-host test-qemu
+
+# The host tiers: unit, swtpm, cairnd process, nspawn systemd, simulated site (no image, no qemu).
+test-host: deps build
     #!/usr/bin/env bash
     set -euo pipefail
     if cargo nextest --version >/dev/null 2>&1; then
@@ -52,13 +55,33 @@ bench: deps
     cargo build --workspace --locked --release
     target/release/cairn-bench target/bench/results.jsonl
 
-# The A/B firmware image (not built yet: issue 7).
-image:
-    @echo "just image: the A/B image build does not exist yet (open issue 7)" >&2; exit 1
+# Host tools for the image build and the qemu tier (large: qemu and OVMF), apart from `deps`.
+image_packages := "mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools fdisk jq qemu-system-x86 ovmf swtpm swtpm-tools"
 
-# Boot the image under qemu (not built yet: issue 7).
-test-qemu:
-    @echo "just test-qemu: the qemu tier does not exist yet (open issue 7)" >&2; exit 1
+deps-image:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=$(for p in {{image_packages}}; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
+    if [ -n "$missing" ]; then
+        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        echo "installing:" $missing
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
+    fi
+
+# The A/B disk image of VERSION into target/image (docs/image.md); the Debian base is cached.
+image VERSION="1.0.0" *ARGS: deps deps-image
+    cargo build --locked --release -p cairn-agent --bins
+    image/build.sh --version {{VERSION}} --out target/image {{ARGS}}
+
+# The qemu tier (tests/qemu): boots 1.0.0 under qemu (TCG) twice, then updates through the fleet's TUF repository
+# 1.0.0 → 2.0.0 (with a power cut mid-write) → a 3.0.0 whose gate fails and falls back (that test builds its own
+# images, which carry its fleet's address).
+test-qemu: deps deps-image
+    cargo build --locked --release -p cairn-agent --bins
+    cargo build --locked -p cairn-fleet
+    image/build.sh --version 1.0.0 --out target/image
+    cargo test --locked -p cairn-qemu-tests -- --ignored --test-threads=1
 
 # Start a simulated site in the background, all state under DIR; writes DIR/site.env.
 sim-up DIR: deps build

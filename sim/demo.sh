@@ -180,4 +180,5 @@ fleet | sed 's/^/   /'
 ok "refused, with the reason on both sides; the fleet no longer honours the device's certificate"
 
 step "Not yet in this build"
-say "the A/B image and OTA updates — issue 7; console status and diagnostics — issue 8."
+say "the A/B image and OTA updates run under qemu, not in this demo: \`just test-qemu\` (docs/image.md);"
+say "console status and diagnostics — issue 8."
