@@ -5,19 +5,21 @@
 # Same inputs → same bytes: fixed UUIDs, salts and timestamps (SOURCE_DATE_EPOCH).
 #
 #   image/build.sh --version 1.0.0 --out DIR [--fleet-ca PEM] [--fleet-url URL] [--workload-signer PUB]
-#                  [--bin DIR] [--cache DIR] [--config TOML]... [--update-root JSON]
+#                  [--bin DIR] [--fleet-bin FILE] [--cache DIR] [--config TOML]... [--update-root JSON]
+#                  [--extra-packages PKG,PKG]  (more Debian packages in the root; another cached base)
 #                  (each --config file is appended to the image's /usr/lib/cairn/cairnd.toml)
 #   image/build.sh --base-only [--cache DIR]      (only build and cache the Debian base tree)
 #
 # Writes DIR/cairn-VERSION.img (the whole disk, sparse), DIR/cairn-VERSION.root.erofs, .root.verity, .vmlinuz
-# and .initrd (what an update writes: `cairn-fleet update publish`), DIR/cairn-VERSION.roothash and DIR/cairn-VERSION.json
-# (the manifest: sizes, SHA-256s, root hash, partition layout).
+# and .initrd (what an update writes: `cairn-fleet update publish`), DIR/cairn-VERSION.roothash, DIR/cairn-VERSION.json
+# (the manifest: sizes, SHA-256s, root hash, partition layout) and DIR/cairn-VERSION.reference-measurements.json
+# (PCR 4 of a good boot, from `cairn-fleet reference`: what `cairn-fleet serve --reference` attests devices against).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-version="" out="" fleet_ca="" fleet_url="" signer="" configs=() base_only="" update_root=""
-bin="$repo/target/release" cache="$repo/target/image-cache"
+version="" out="" fleet_ca="" fleet_url="" signer="" configs=() base_only="" update_root="" extra_packages=""
+bin="$repo/target/release" cache="$repo/target/image-cache" fleet_bin="$repo/target/debug/cairn-fleet"
 while [ $# -gt 0 ]; do
     case "$1" in
         --version) version=$2; shift 2 ;;
@@ -26,9 +28,11 @@ while [ $# -gt 0 ]; do
         --fleet-url) fleet_url=$2; shift 2 ;;
         --workload-signer) signer=$2; shift 2 ;;
         --bin) bin=$2; shift 2 ;;
+        --fleet-bin) fleet_bin=$2; shift 2 ;;
         --cache) cache=$2; shift 2 ;;
         --config) configs+=("$2"); shift 2 ;;
         --update-root) update_root=$2; shift 2 ;;
+        --extra-packages) extra_packages=$2; shift 2 ;;
         --base-only) base_only=1; shift ;;
         *) echo "image/build.sh: unknown argument $1; see the comment at the top of $0" >&2; exit 2 ;;
     esac
@@ -41,6 +45,7 @@ if [ -z "$base_only" ]; then
     for b in cairnd cairnctl; do
         [ -x "$bin/$b" ] || die "$bin/$b is missing: build it first (cargo build --release --locked)"
     done
+    [ -x "$fleet_bin" ] || die "$fleet_bin is missing (it computes the reference measurements): build it first (cargo build --locked -p cairn-fleet) or give --fleet-bin"
 fi
 for t in mmdebstrap mkfs.erofs veritysetup mkfs.vfat mcopy mmd sfdisk; do
     command -v "$t" >/dev/null || die "$t is missing: run \`just deps-image\`"
@@ -53,7 +58,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/cairn-image.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 # 1. The Debian tree, cached by the package list and the hook below (which decide its contents).
-packages="systemd,systemd-sysv,udev,dbus,kmod,linux-image-cloud-amd64,dracut,systemd-boot,tpm2-tools,e2fsprogs,cryptsetup-bin,libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-mu0,libtss2-rc0,libzstd1,iproute2"
+packages="systemd,systemd-sysv,udev,dbus,kmod,linux-image-cloud-amd64,dracut,systemd-boot,tpm2-tools,e2fsprogs,cryptsetup-bin,libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-mu0,libtss2-rc0,libzstd1,iproute2${extra_packages:+,$extra_packages}"
 dracut_conf='hostonly="no"
 add_dracutmodules+=" systemd systemd-veritysetup dm "
 add_drivers+=" virtio_blk virtio_pci virtio_scsi nvme erofs dm-verity tpm_crb tpm_tis "
@@ -179,6 +184,8 @@ cp "$work/root.verity" "$out/cairn-$version.root.verity"
 cp "$work/vmlinuz" "$out/cairn-$version.vmlinuz"
 cp "$work/initrd" "$out/cairn-$version.initrd"
 echo "$roothash" > "$out/cairn-$version.roothash"
+"$fleet_bin" reference --name "cairn $version" --loader "$tree/usr/lib/systemd/boot/efi/systemd-bootx64.efi" \
+    --kernel "$work/vmlinuz" --out "$out/cairn-$version.reference-measurements.json" >/dev/null
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 jq -n --arg version "$version" --arg roothash "$roothash" --arg kver "$kver" \
     --arg root_sha "$(sha "$work/root.erofs")" --argjson root_bytes "$(stat -c %s "$work/root.erofs")" \

@@ -135,6 +135,8 @@ impl From<QuoteRefusal> for Refusal {
 struct Checked {
     counters: QuoteCounters,
     pins: Vec<PcrValue>,
+    /// The accepted reference entry the PCRs matched: which known image the device booted.
+    reference: Option<String>,
 }
 
 impl Attestor {
@@ -284,6 +286,7 @@ impl Attestor {
                 agent_version: req.agent_version.clone(),
                 reason: None,
                 pinned_pcrs: Vec::new(),
+                reference: None,
                 last_quote: None,
                 device_key: None,
                 telemetry_key: None,
@@ -465,9 +468,12 @@ impl Attestor {
             crate::eventlog::check_against_quote(&replayed, &quoted_vec)
                 .map_err(|e| Refusal::new("event_log", e.to_string()))?;
         }
-        let covered: BTreeSet<u8> = match self.policy.reference.check(&quoted) {
-            Ok(Some(entry)) => entry.sha256.keys().copied().collect(),
-            Ok(None) => BTreeSet::new(),
+        let (covered, reference): (BTreeSet<u8>, _) = match self.policy.reference.check(&quoted) {
+            Ok(Some(entry)) => (
+                entry.sha256.keys().copied().collect(),
+                Some(entry.name.clone()),
+            ),
+            Ok(None) => (BTreeSet::new(), None),
             Err(m) => {
                 return Err(Refusal::new(
                     "pcr_reference",
@@ -506,7 +512,11 @@ impl Attestor {
             .into_iter()
             .map(|(index, sha256)| PcrValue { index, sha256 })
             .collect();
-        Ok(Checked { counters, pins })
+        Ok(Checked {
+            counters,
+            pins,
+            reference,
+        })
     }
 
     pub fn activate(&mut self, req: &ActivateRequest) -> Result<Verdict, BadRequest> {
@@ -586,6 +596,7 @@ impl Attestor {
             rec.cert_serial = Some(Hex(issued.serial));
             rec.cert_not_after_unix = Some(issued.not_after_unix);
             rec.pinned_pcrs = checked.pins;
+            rec.reference = checked.reference;
             rec.last_quote = Some(checked.counters);
             rec.last_seen_unix = now;
             rec.last_trusted_unix = Some(now);
@@ -681,6 +692,7 @@ impl Attestor {
                 if let Some(rec) = self.store.devices.get_mut(device_id) {
                     rec.state = DeviceState::Onboarded;
                     rec.pinned_pcrs = checked.pins;
+                    rec.reference = checked.reference;
                     rec.last_quote = Some(checked.counters);
                     rec.last_seen_unix = now;
                     rec.last_trusted_unix = Some(now);

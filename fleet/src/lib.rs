@@ -6,6 +6,7 @@ pub mod attestation;
 pub mod credential;
 pub mod ek;
 pub mod eventlog;
+pub mod image_measure;
 pub mod ingest;
 pub mod pki;
 pub mod quote;

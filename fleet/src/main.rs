@@ -68,6 +68,21 @@ enum Cmd {
         #[command(subcommand)]
         action: WorkloadsAction,
     },
+    /// What a good boot of an image measures: writes the image's reference-measurements.json (PCR 4 from
+    /// its boot loader and kernel), the --reference input of `serve`. image/build.sh runs it.
+    Reference {
+        /// The name devices that match are shown under, e.g. "cairn 1.0.0".
+        #[arg(long)]
+        name: String,
+        /// The boot loader firmware starts (the ESP's EFI/BOOT/BOOTX64.EFI).
+        #[arg(long, value_name = "EFI")]
+        loader: PathBuf,
+        /// The kernel the loader starts (an EFI-stub vmlinuz).
+        #[arg(long, value_name = "EFI")]
+        kernel: PathBuf,
+        #[arg(long, value_name = "JSON")]
+        out: PathBuf,
+    },
     /// The OTA update channel: a TUF repository of image releases (see docs/image.md).
     Update {
         #[command(subcommand)]
@@ -291,9 +306,11 @@ struct PolicyArgs {
     /// File of allowed EK names (hex, one per line, # comments): the procurement list.
     #[arg(long, value_name = "FILE")]
     allow_list: Option<PathBuf>,
-    /// Reference PCR values (JSON, see docs/protocol.md). PCRs it does not list are pinned when a device first attests them.
+    /// Reference PCR values (JSON, see docs/protocol.md; `cairn-fleet reference` makes one per image),
+    /// repeatable: a device matching any entry of any file passes. PCRs none lists are pinned when a device
+    /// first attests them.
     #[arg(long, value_name = "FILE")]
-    reference: Option<PathBuf>,
+    reference: Vec<PathBuf>,
     /// Seconds a challenge (nonce) stays valid.
     #[arg(long, default_value_t = 60)]
     nonce_ttl_secs: u64,
@@ -364,8 +381,9 @@ impl PolicyArgs {
         if let Some(p) = &self.allow_list {
             policy.allow_list = read_allow_list(p)?;
         }
-        if let Some(p) = &self.reference {
-            policy.reference = Reference::load(p).map_err(|e| error_chain(&e))?;
+        for p in &self.reference {
+            let r = Reference::load(p).map_err(|e| error_chain(&e))?;
+            policy.reference.accepted.extend(r.accepted);
         }
         for (name, v) in [
             ("--nonce-ttl-secs", self.nonce_ttl_secs),
@@ -472,8 +490,8 @@ fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) ->
     match resp {
         AdminResponse::Devices { devices } => {
             println!(
-                "{:<68} {:<10} {:<9} {:<14} LAST REASON",
-                "DEVICE", "STATE", "EK", "VOUCHED BY"
+                "{:<68} {:<10} {:<9} {:<14} {:<14} LAST REASON",
+                "DEVICE", "STATE", "EK", "VOUCHED BY", "IMAGE"
             );
             for d in devices {
                 let reason = d
@@ -481,11 +499,12 @@ fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) ->
                     .map(|r| format!("{}: {}", r.code, r.message))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<68} {:<10} {:<9} {:<14} {reason}",
+                    "{:<68} {:<10} {:<9} {:<14} {:<14} {reason}",
                     d.id,
                     d.state.as_str(),
                     d.ek_algorithm,
                     d.vouched_by.unwrap_or_else(|| "-".into()),
+                    d.reference.unwrap_or_else(|| "-".into()),
                 );
             }
             ExitCode::SUCCESS
@@ -514,6 +533,17 @@ fn main() -> ExitCode {
         Cmd::Telemetry { state, json } => return telemetry(&state, json),
         Cmd::Workloads { action } => return workloads(action),
         Cmd::Update { action } => return update(action),
+        Cmd::Reference {
+            name,
+            loader,
+            kernel,
+            out,
+        } => {
+            return print_outcome(
+                cairn_fleet::image_measure::write_reference(&name, &loader, &kernel, &out)
+                    .map(|()| format!("wrote {}", out.display())),
+            )
+        }
         Cmd::Devices {
             state,
             json,

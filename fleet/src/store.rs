@@ -97,6 +97,9 @@ pub struct DeviceRecord {
     pub reason: Option<Reason>,
     /// PCR values fixed at first attestation for PCRs no reference value covers.
     pub pinned_pcrs: Vec<PcrValue>,
+    /// The reference entry its last good attestation matched (the image it booted); None without one.
+    #[serde(default)]
+    pub reference: Option<String>,
     pub last_quote: Option<QuoteCounters>,
     /// Uncompressed P-256 points of the AK-certified keys.
     pub device_key: Option<Hex>,
@@ -233,6 +236,7 @@ mod tests {
                 index: 4,
                 sha256: Hex(vec![9; 32]),
             }],
+            reference: None,
             last_quote: None,
             device_key: None,
             telemetry_key: None,

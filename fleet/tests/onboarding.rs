@@ -403,6 +403,53 @@ fn pcr_changed_after_enrolment_is_refused_and_the_certificate_stops_being_honour
 }
 
 #[test]
+fn a_boot_of_a_known_image_is_named_and_one_of_an_unknown_image_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::new(tmp.path(), EkAlgorithm::EccP256);
+    // The "firmware" measures one boot application into PCR 4, as an image build predicts it.
+    dev.extend(4);
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    h.update(&[0u8; 32]);
+    h.update(&[0xab; 32]);
+    let pcr4 = cairn_proto::fleet::to_hex(h.finish().as_ref());
+    let mut policy = allow(&dev);
+    policy.reference = cairn_fleet::reference::Reference::parse(
+        format!(
+            r#"{{"version":1,"accepted":[{{"name":"cairn 0.9.0","sha256":{{"4":"{}"}}}},{{"name":"cairn 1.0.0","sha256":{{"4":"{pcr4}"}}}}]}}"#,
+            "11".repeat(32)
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut fleet = Fleet::new(policy);
+    let (id, v) = fleet.onboard(&dev);
+    assert_trusted(&v);
+    let rec = fleet.a().devices().find(|d| d.id == id).unwrap().clone();
+    assert_eq!(rec.reference.as_deref(), Some("cairn 1.0.0"));
+    assert!(
+        !rec.pinned_pcrs.iter().any(|p| p.index == 4),
+        "a PCR the reference covers is not pinned: {:?}",
+        rec.pinned_pcrs
+    );
+
+    // Another boot loader or kernel: PCR 4 matches no image the fleet knows.
+    dev.extend(4);
+    let v = fleet.reattest(&id, &dev);
+    assert_eq!(refused_code(&v), "pcr_reference");
+    let Verdict::Refused { message, .. } = &v else {
+        unreachable!()
+    };
+    assert!(
+        message.contains("[4]") && message.contains("does not know"),
+        "{message}"
+    );
+    assert_eq!(
+        fleet.state(&id),
+        (DeviceState::Refused, Some("pcr_reference".into()))
+    );
+}
+
+#[test]
 fn ak_from_another_tpm_cannot_activate() {
     let tmp = tempfile::tempdir().unwrap();
     let victim = Device::new(&tmp.path().join("a"), EkAlgorithm::Rsa2048);

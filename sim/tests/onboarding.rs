@@ -71,6 +71,10 @@ fn ek_certificate_device_onboards_and_resumes_after_restarts_without_re_enrollin
     assert_eq!(dev["id"], id.as_str());
     assert_eq!(dev["state"], "onboarded");
     assert_eq!(dev["vouched_by"], "EK certificate");
+    assert_eq!(
+        dev["reference"], "cairn 0.1.0",
+        "the fleet records which known image the device booted"
+    );
     // The telemetry key is bound to the identity too.
     assert_eq!(dev["telemetry_key"].as_str().unwrap().len(), 130);
     let serial = dev["cert_serial"].clone();

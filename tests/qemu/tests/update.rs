@@ -92,34 +92,47 @@ fn an_update_is_written_booted_and_blessed_and_a_bad_one_falls_back_by_itself() 
             &p(&key),
         ],
     )?;
-    let ready = dir.join("fleet.url");
-    let _fleet = Fleet(
-        Command::new(&fleet_bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--name", "10.0.2.2"])
-            .args(["--state", &p(&state), "--ready-file", &p(&ready)])
-            .stderr(std::fs::File::create(dir.join("fleet.log"))?)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let started = Instant::now();
-    let url = loop {
-        if let Ok(u) = std::fs::read_to_string(&ready) {
-            if !u.trim().is_empty() {
-                break u.trim().to_string();
+    // The fleet runs twice on one state and port: first to make its CA (the images carry it), then, once the
+    // images exist, again with their reference measurements.
+    let serve = |listen: &str, extra: &[String]| -> std::result::Result<(Fleet, String), Failure> {
+        let ready = dir.join("fleet.url");
+        let _ = std::fs::remove_file(&ready);
+        let fleet = Fleet(
+            Command::new(&fleet_bin)
+                .args(["serve", "--listen", listen, "--name", "10.0.2.2"])
+                .args(["--state", &p(&state), "--ready-file", &p(&ready)])
+                .args(extra)
+                .stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join("fleet.log"))?,
+                )
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+        let started = Instant::now();
+        loop {
+            if let Ok(u) = std::fs::read_to_string(&ready) {
+                if !u.trim().is_empty() {
+                    return Ok((fleet, u.trim().to_string()));
+                }
             }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(Failure(
+                    "cairn-fleet serve did not start (see fleet.log)".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        if started.elapsed() > Duration::from_secs(30) {
-            return Err(Failure(
-                "cairn-fleet serve did not start (see fleet.log)".into(),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
     };
+    let (first, url) = serve("127.0.0.1:0", &[])?;
     let port = url
         .rsplit(':')
         .next()
         .unwrap_or_default()
-        .trim_end_matches('/');
+        .trim_end_matches('/')
+        .to_string();
     let guest_url = format!("https://10.0.2.2:{port}");
 
     // Both versions carry this fleet's address, CA and update root.
@@ -151,6 +164,21 @@ fn an_update_is_written_booted_and_blessed_and_a_bad_one_falls_back_by_itself() 
         run(&build, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     eprintln!("three images built in {:?}", t.elapsed());
+    drop(first);
+    // Pending devices are told to come back in 10 s, so the one this test approves onboards within a boot.
+    let mut extra: Vec<String> = vec!["--retry-after-secs".into(), "10".into()];
+    for v in ["1.0.0", "2.0.0"] {
+        extra.push("--reference".into());
+        extra.push(p(
+            &images.join(format!("cairn-{v}.reference-measurements.json"))
+        ));
+    }
+    let (_fleet, _) = serve(&format!("127.0.0.1:{port}"), &extra)?;
+    let devices = || -> std::result::Result<Vec<serde_json::Value>, Failure> {
+        let out = run(&fleet_bin, &["devices", "--state", &p(&state), "--json"])?;
+        let doc: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(doc["devices"].as_array().cloned().unwrap_or_default())
+    };
     let publish = |version: &str| -> std::result::Result<(), Failure> {
         let out = run(
             &fleet_bin,
@@ -212,6 +240,19 @@ fn an_update_is_written_booted_and_blessed_and_a_bad_one_falls_back_by_itself() 
         ["cairn-1.0.0-a.conf"],
         "a half-written slot has no boot entry"
     );
+    // The box asked to join during that boot; nothing vouches for its software TPM, so ops approves it.
+    let pending = devices()?;
+    let [device] = pending.as_slice() else {
+        return Err(Failure(format!(
+            "one device should have enrolled during boot 1: {pending:?}"
+        )));
+    };
+    assert_eq!(device["state"], "pending", "{device}");
+    let id = device["id"].as_str().unwrap_or_default().to_string();
+    run(
+        &fleet_bin,
+        &["devices", "--state", &p(&state), "approve", &id],
+    )?;
 
     // The old slot boots; its agent finds the write unfinished, completes it and reboots: qemu exits.
     let mut boot = m.boot()?;
@@ -232,6 +273,15 @@ fn an_update_is_written_booted_and_blessed_and_a_bad_one_falls_back_by_itself() 
         ["cairn-1.0.0-a.conf", "cairn-2.0.0-b+3.conf"],
         "slot B is written and its entry has its tries"
     );
+    // Approved, the box attested during boot 2: its quoted PCR 4 is the one its image's build computed, and
+    // the fleet's log replays to the quote.
+    let device = devices()?.into_iter().next().unwrap_or_default();
+    assert_eq!(
+        (device["state"].as_str(), device["reference"].as_str()),
+        (Some("onboarded"), Some("cairn 1.0.0")),
+        "the box onboarded against its image's reference measurements: {device:#}"
+    );
+    eprintln!("onboarded during boot 2 as {id}, matching reference \"cairn 1.0.0\"");
 
     let mut boot = m.boot()?;
     boot.wait_for("health gate passed", BOOT)?;
