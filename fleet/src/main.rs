@@ -131,6 +131,17 @@ enum UpdateAction {
         #[arg(long, default_value_t = 3)]
         keep: usize,
     },
+    /// Sign the repository again as it stands with a fresh timestamp. Devices take no update from an expired
+    /// timestamp: run this (e.g. from a daily timer) when nothing is published for a while.
+    Refresh {
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Days the new timestamp stays valid.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(i64).range(1..=3650))]
+        timestamp_days: i64,
+    },
 }
 
 /// A one-shot command's message on stdout, or its error (with causes) on stderr.
@@ -150,6 +161,31 @@ fn print_outcome<E: std::error::Error>(result: Result<String, E>) -> ExitCode {
 fn update(action: UpdateAction) -> ExitCode {
     use cairn_fleet::update_repo as ur;
     let result = match action {
+        UpdateAction::Refresh {
+            repo,
+            key,
+            timestamp_days,
+        } => {
+            let expires = chrono::Utc::now() + chrono::Duration::days(timestamp_days);
+            let until = std::time::SystemTime::from(expires);
+            return match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => {
+                    print_outcome(runtime.block_on(ur::refresh(&repo, &key, until)).map(|v| {
+                        format!(
+                            "signed timestamp version {v} of {}, valid until {expires}",
+                            repo.display()
+                        )
+                    }))
+                }
+                Err(e) => {
+                    eprintln!("cairn-fleet: cannot start the async runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         UpdateAction::Keygen { dir } => ur::keygen(&dir)
             .map(|key| format!("wrote {} (private: keep it with the fleet)", key.display())),
         UpdateAction::Init { repo, key } => match tokio::runtime::Builder::new_current_thread()

@@ -57,6 +57,8 @@ pub enum UpdateRepoError {
     Mismatch { path: PathBuf, what: String },
     #[error("version {version} is already published; publish a new version, or --max-wave to widen its rollout")]
     Published { version: ImageVersion },
+    #[error("nothing is published in {repo} yet, so there is nothing to refresh; publish an image first")]
+    Empty { repo: PathBuf },
     #[error("the TUF repository in {repo}: {reason}")]
     Tuf { repo: PathBuf, reason: String },
     #[error(transparent)]
@@ -534,6 +536,55 @@ pub async fn publish(p: &Publish) -> Result<Published, UpdateRepoError> {
         targets_version,
         removed_versions: removed,
     })
+}
+
+/// Signs the repository again as it stands, with a timestamp valid until `timestamp_expires`: devices take no
+/// update from an expired timestamp, so a fleet that publishes nothing for a while refreshes it before then.
+/// Returns the new timestamp version.
+pub async fn refresh(
+    repo: &Path,
+    key: &Path,
+    timestamp_expires: std::time::SystemTime,
+) -> Result<u64, UpdateRepoError> {
+    let timestamp_expires = chrono::DateTime::<Utc>::from(timestamp_expires);
+    let keys = keys(key)?;
+    let meta = repo.join("metadata");
+    if !meta.join("timestamp.json").exists() {
+        return Err(UpdateRepoError::Empty {
+            repo: repo.to_owned(),
+        });
+    }
+    let root = std::fs::read(root_path(repo)).map_err(|source| UpdateRepoError::Read {
+        path: root_path(repo),
+        source,
+    })?;
+    let loaded = RepositoryLoader::new(&root, file_url(&meta)?, file_url(&repo.join("targets"))?)
+        .expiration_enforcement(ExpirationEnforcement::Unsafe)
+        .load()
+        .await
+        .map_err(tuf(repo))?;
+    let versions = (
+        loaded.targets().signed.version.get(),
+        loaded.snapshot().signed.version.get(),
+        loaded.timestamp().signed.version.get(),
+    );
+    let next = |v: u64| NonZeroU64::new(v + 1).unwrap_or(NonZeroU64::MIN);
+    let now = Utc::now();
+    let mut editor = RepositoryEditor::from_repo(root_path(repo), loaded)
+        .await
+        .map_err(tuf(repo))?;
+    editor
+        .targets_version(next(versions.0))
+        .map_err(tuf(repo))?
+        .targets_expires(now + Duration::days(365))
+        .map_err(tuf(repo))?
+        .snapshot_version(next(versions.1))
+        .snapshot_expires(now + Duration::days(365))
+        .timestamp_version(next(versions.2))
+        .timestamp_expires(timestamp_expires);
+    let signed = editor.sign(&keys).await.map_err(tuf(repo))?;
+    signed.write(&meta).await.map_err(tuf(repo))?;
+    Ok(next(versions.2).get())
 }
 
 async fn read_target(

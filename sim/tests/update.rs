@@ -569,6 +569,55 @@ fn a_lower_version_is_refused_unless_the_fleet_signs_a_downgrade() {
 }
 
 #[test]
+fn an_expired_timestamp_stops_updates_until_the_fleet_refreshes_it() {
+    let (t, repo, v1) = published_1_0_0();
+    let b = Device::new(t.path(), &v1, &repo);
+    let rt = rt();
+    let agent = b.agent();
+    assert_eq!(
+        rt.block_on(agent.check(&repo.source())).unwrap(),
+        Checked::UpToDate
+    );
+    // A fleet that published nothing for longer than the timestamp lasts: 2.0.0 waits behind an expired one.
+    repo.publish(&image("2.0.0", &[3]), &[]);
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    rt.block_on(cairn_fleet::update_repo::refresh(
+        &repo.dir, &repo.key, past,
+    ))
+    .unwrap();
+    let err = cairn_agent::error_chain(&rt.block_on(agent.check(&repo.source())).unwrap_err());
+    assert!(
+        err.contains("update channel") && err.contains("xpired"),
+        "{err}"
+    );
+    assert_eq!(b.entries(), ["cairn-1.0.0-a.conf"]);
+
+    let (ok, out) = fleet(&[
+        "update",
+        "refresh",
+        "--repo",
+        repo.dir.to_str().unwrap(),
+        "--key",
+        repo.key.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("signed timestamp version"), "{out}");
+    assert!(matches!(
+        rt.block_on(agent.check(&repo.source())).unwrap(),
+        Checked::Staged { .. }
+    ));
+    // Nothing to refresh in a repository that was never published to.
+    let (ok, out) = fleet(&[
+        "update",
+        "refresh",
+        "--repo",
+        t.path().join("empty").to_str().unwrap(),
+        "--key",
+        repo.key.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("nothing is published"), "{out}");
+}
+
+#[test]
 fn waves_and_the_maintenance_window_are_honoured() {
     let (t, repo, v1) = published_1_0_0();
     repo.publish(&image("2.0.0", &[3]), &["--max-wave", "2"]);
