@@ -75,7 +75,10 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
 
     let sink = crate::telemetry::LocalSink::default();
     // The spool is where telemetry survives outages; without it the agent still runs and says why.
-    let spool = match crate::spool::Spool::open(
+    // A damaged spool (sled can leave one after a power cut during its own recovery) is set aside and a new
+    // one started, so the box does not go without telemetry until someone visits; the loss is reported.
+    let mut set_aside = None;
+    let spool = match crate::spool::Spool::open_or_set_aside(
         &config.agent.data_dir.join("spool"),
         crate::spool::SpoolConfig {
             budget_bytes: config.telemetry.budget_bytes,
@@ -83,7 +86,10 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             ..crate::spool::SpoolConfig::default()
         },
     ) {
-        Ok(s) => Some(std::sync::Arc::new(s)),
+        Ok((s, aside)) => {
+            set_aside = aside;
+            Some(std::sync::Arc::new(s))
+        }
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "telemetry spool unavailable; telemetry is not kept");
             None
@@ -98,6 +104,21 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     // The agent's own events (attestation outcomes, its errors) go where the health model's go.
     let events: std::sync::Arc<dyn crate::telemetry::Sink> =
         std::sync::Arc::new(collector_sink.clone());
+    if let Some(aside) = set_aside {
+        let message = format!(
+            "the telemetry spool was damaged and could not be opened ({}); it was moved to {} and a new spool \
+             started: telemetry the fleet had not acknowledged before this start is lost",
+            aside.reason,
+            aside.moved_to.display()
+        );
+        tracing::error!("{message}");
+        events.event(crate::telemetry::agent_event(
+            "spool",
+            crate::telemetry::kind::AGENT_ERROR,
+            crate::telemetry::Severity::Critical,
+            message,
+        ));
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;

@@ -269,6 +269,34 @@ pub enum SpoolError {
     Busy { path: PathBuf },
 }
 
+impl SpoolError {
+    /// The spool's own files are damaged (not the disk full or a newer cairnd's format): the spool cannot be
+    /// opened again as it is.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            SpoolError::Corrupt { .. }
+                | SpoolError::Open {
+                    source: sled::Error::Corruption { .. },
+                    ..
+                }
+                | SpoolError::Storage {
+                    source: sled::Error::Corruption { .. },
+                    ..
+                }
+        )
+    }
+}
+
+/// A damaged spool [`Spool::open_or_set_aside`] moved out of the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    /// Where the damaged spool now is (one copy is kept, for diagnosis; the next one replaces it).
+    pub moved_to: PathBuf,
+    /// Why it could not be opened.
+    pub reason: String,
+}
+
 /// The persistent spool. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Spool {
     inner: Arc<Inner>,
@@ -304,6 +332,54 @@ impl Spool {
             inner,
             flusher: Some(flusher),
         })
+    }
+
+    /// Opens the spool; if its files are damaged, moves the directory to `<dir>.damaged` (replacing an older
+    /// damaged copy) and starts a new, empty spool there, so the box keeps its telemetry from now on instead
+    /// of running without a spool until someone logs in. What the damaged spool held unacknowledged is lost,
+    /// and the caller must say so. Any other error (disk full, a newer format) leaves the directory alone.
+    pub fn open_or_set_aside(
+        dir: &Path,
+        cfg: SpoolConfig,
+    ) -> Result<(Spool, Option<SetAside>), SpoolError> {
+        let err = match Spool::open(dir, cfg.clone()) {
+            Ok(s) => return Ok((s, None)),
+            Err(e) if e.is_damage() => e,
+            Err(e) => return Err(e),
+        };
+        let mut reason = err.to_string();
+        let mut cur = std::error::Error::source(&err);
+        while let Some(inner) = cur {
+            reason.push_str(": ");
+            reason.push_str(&inner.to_string());
+            cur = inner.source();
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "spool".into());
+        let moved_to = dir.with_file_name(format!("{name}.damaged"));
+        let files = |action: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| SpoolError::Files {
+                path,
+                action,
+                source,
+            }
+        };
+        if moved_to.exists() {
+            std::fs::remove_dir_all(&moved_to)
+                .map_err(files("remove the older damaged copy of", &moved_to))?;
+        }
+        std::fs::rename(dir, &moved_to).map_err(files("move aside the damaged", dir))?;
+        if let Some(parent) = dir.parent() {
+            // The rename must be on the disk before the new spool's first record is.
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(files("sync the directory holding", dir))?;
+        }
+        let spool = Spool::open(dir, cfg)?;
+        Ok((spool, Some(SetAside { moved_to, reason })))
     }
 
     /// Buffers one record and returns its sequence number. Durable after the next group commit.
@@ -2370,6 +2446,67 @@ mod tests {
         let e = Spool::open(dir.path(), quick()).unwrap_err();
         assert!(matches!(e, SpoolError::NewerFormat { .. }));
         assert!(e.to_string().contains(&dir.path().display().to_string()));
+    }
+
+    #[test]
+    fn a_damaged_spool_is_set_aside_and_a_new_one_started_but_a_newer_one_is_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spool");
+        let damage = |marker: u8| {
+            let spool = Spool::open(&dir, quick()).unwrap();
+            spool.append(1, event(u64::from(marker))).unwrap();
+            spool.flush().unwrap();
+            drop(spool);
+            let db = open_sled(&gen_dir(&dir, 0), &quick()).unwrap();
+            // A varint that never ends: the counters no longer decode.
+            db.insert(META_KEY, vec![0x80]).unwrap();
+            db.flush().unwrap();
+        };
+        damage(1);
+        assert!(Spool::open(&dir, quick()).unwrap_err().is_damage());
+        let (spool, aside) = Spool::open_or_set_aside(&dir, quick()).unwrap();
+        let aside = aside.expect("the damaged spool was set aside");
+        assert_eq!(aside.moved_to, root.path().join("spool.damaged"));
+        assert!(
+            aside.reason.contains("damaged") && aside.reason.contains("counters"),
+            "{}",
+            aside.reason
+        );
+        assert!(
+            aside.moved_to.join("CURRENT").exists(),
+            "kept for diagnosis"
+        );
+        let stats = spool.stats();
+        assert_eq!((stats.depth, stats.durable_seq), (0, 0), "a new spool");
+        spool.append(2, event(7)).unwrap();
+        assert_eq!(spool.flush().unwrap(), 1);
+        drop(spool);
+        // Healthy now: opened as it is, nothing moved.
+        let (spool, aside) = Spool::open_or_set_aside(&dir, quick()).unwrap();
+        assert!(aside.is_none());
+        assert_eq!(spool.stats().depth, 1);
+        drop(spool);
+        // A second damage replaces the first copy rather than piling up copies.
+        std::fs::remove_dir_all(&dir).unwrap();
+        damage(2);
+        let (_spool, aside) = Spool::open_or_set_aside(&dir, quick()).unwrap();
+        assert!(aside.is_some());
+        let copies = std::fs::read_dir(root.path()).unwrap().count();
+        assert_eq!(copies, 2, "spool and one spool.damaged");
+
+        // A newer cairnd's spool is not damage: refused, and left where it is for that cairnd.
+        let newer = root.path().join("newer");
+        drop(Spool::open(&newer, quick()).unwrap());
+        {
+            let db = open_sled(&gen_dir(&newer, 0), &quick()).unwrap();
+            let mut v = Vec::new();
+            put_varint(&mut v, FORMAT_VERSION + 1);
+            db.insert(META_KEY, v).unwrap();
+            db.flush().unwrap();
+        }
+        let e = Spool::open_or_set_aside(&newer, quick()).unwrap_err();
+        assert!(matches!(e, SpoolError::NewerFormat { .. }));
+        assert!(!root.path().join("newer.damaged").exists());
     }
 
     fn dir_bytes(dir: &Path) -> u64 {
