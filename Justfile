@@ -55,6 +55,12 @@ bench: deps
     cargo build --workspace --locked --release
     target/release/cairn-bench target/bench/results.jsonl
 
+# Bytes a device fetches for a one-package change of the image, against the whole image (docs/image.md).
+bench-delta PKG="less": deps deps-image
+    cargo build --locked --release -p cairn-agent --bins
+    cargo build --locked -p cairn-fleet
+    image/delta-bench.sh {{PKG}}
+
 # Host tools for the image build and the qemu tier (large: qemu and OVMF), apart from `deps`.
 image_packages := "mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools fdisk jq qemu-system-x86 ovmf swtpm swtpm-tools"
 
@@ -72,6 +78,7 @@ deps-image:
 # The A/B disk image of VERSION into target/image (docs/image.md); the Debian base is cached.
 image VERSION="1.0.0" *ARGS: deps deps-image
     cargo build --locked --release -p cairn-agent --bins
+    cargo build --locked -p cairn-fleet
     image/build.sh --version {{VERSION}} --out target/image {{ARGS}}
 
 # The qemu tier (tests/qemu): boots 1.0.0 under qemu (TCG) twice, then updates through the fleet's TUF repository
