@@ -324,6 +324,58 @@ fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// The repository as it stands, or None before the first publish; expired metadata is loaded too, since the
+/// signer re-signs an expired repository (only devices must refuse one).
+async fn load_signed(repo: &Path) -> Result<Option<tough::Repository>, UpdateRepoError> {
+    let meta = repo.join("metadata");
+    if !meta.join("timestamp.json").exists() {
+        return Ok(None);
+    }
+    let root = std::fs::read(root_path(repo)).map_err(|source| UpdateRepoError::Read {
+        path: root_path(repo),
+        source,
+    })?;
+    let loaded = RepositoryLoader::new(&root, file_url(&meta)?, file_url(&repo.join("targets"))?)
+        .expiration_enforcement(ExpirationEnforcement::Unsafe)
+        .load()
+        .await
+        .map_err(tuf(repo))?;
+    Ok(Some(loaded))
+}
+
+/// (targets, snapshot, timestamp) versions of a loaded repository.
+fn role_versions(loaded: &tough::Repository) -> (u64, u64, u64) {
+    (
+        loaded.targets().signed.version.get(),
+        loaded.snapshot().signed.version.get(),
+        loaded.timestamp().signed.version.get(),
+    )
+}
+
+/// Sets the next version of every role and their expiry (targets and snapshot a year, the timestamp
+/// `timestamp_expires`), then signs; returns the signed repository and the new targets and timestamp versions.
+async fn sign_next(
+    repo: &Path,
+    mut editor: RepositoryEditor,
+    versions: (u64, u64, u64),
+    timestamp_expires: chrono::DateTime<Utc>,
+    keys: &[Box<dyn KeySource>],
+) -> Result<(tough::editor::signed::SignedRepository, u64, u64), UpdateRepoError> {
+    let next = |v: u64| NonZeroU64::new(v + 1).unwrap_or(NonZeroU64::MIN);
+    let now = Utc::now();
+    editor
+        .targets_version(next(versions.0))
+        .map_err(tuf(repo))?
+        .targets_expires(now + Duration::days(365))
+        .map_err(tuf(repo))?
+        .snapshot_version(next(versions.1))
+        .snapshot_expires(now + Duration::days(365))
+        .timestamp_version(next(versions.2))
+        .timestamp_expires(timestamp_expires);
+    let signed = editor.sign(keys).await.map_err(tuf(repo))?;
+    Ok((signed, next(versions.0).get(), next(versions.2).get()))
+}
+
 /// Builds the release of one image and signs a new repository version with it.
 pub async fn publish(p: &Publish) -> Result<Published, UpdateRepoError> {
     let repo = p.repo.as_path();
@@ -371,22 +423,8 @@ pub async fn publish(p: &Publish) -> Result<Published, UpdateRepoError> {
     let mut releases: BTreeMap<ImageVersion, Release> = BTreeMap::new();
     let mut known = BTreeSet::new();
     let mut versions = (0u64, 0u64, 0u64);
-    let existing = if meta.join("timestamp.json").exists() {
-        let root = std::fs::read(root_path(repo)).map_err(|source| UpdateRepoError::Read {
-            path: root_path(repo),
-            source,
-        })?;
-        let loaded = RepositoryLoader::new(&root, file_url(&meta)?, file_url(&targets_dir)?)
-            // The signer re-signs an expired repository; only devices must refuse one.
-            .expiration_enforcement(ExpirationEnforcement::Unsafe)
-            .load()
-            .await
-            .map_err(tuf(repo))?;
-        versions = (
-            loaded.targets().signed.version.get(),
-            loaded.snapshot().signed.version.get(),
-            loaded.timestamp().signed.version.get(),
-        );
+    let existing = if let Some(loaded) = load_signed(repo).await? {
+        versions = role_versions(&loaded);
         for (name, _) in loaded.all_targets() {
             known.insert(name.raw().to_string());
             if let Some(v) = update::release_target_version(name.raw()) {
@@ -505,18 +543,8 @@ pub async fn publish(p: &Publish) -> Result<Published, UpdateRepoError> {
             .add_target(TargetName::new(name.as_str()).map_err(tuf(repo))?, target)
             .map_err(tuf(repo))?;
     }
-    let next = |v: u64| NonZeroU64::new(v + 1).unwrap_or(NonZeroU64::MIN);
-    let now = Utc::now();
-    editor
-        .targets_version(next(versions.0))
-        .map_err(tuf(repo))?
-        .targets_expires(now + Duration::days(365))
-        .map_err(tuf(repo))?
-        .snapshot_version(next(versions.1))
-        .snapshot_expires(now + Duration::days(365))
-        .timestamp_version(next(versions.2))
-        .timestamp_expires(now + Duration::days(p.timestamp_days.max(1)));
-    let signed = editor.sign(&keys).await.map_err(tuf(repo))?;
+    let expires = Utc::now() + Duration::days(p.timestamp_days.max(1));
+    let (signed, targets_version, _) = sign_next(repo, editor, versions, expires, &keys).await?;
     // Targets first, metadata last: a device reading mid-publish sees the old version, whole.
     for (name, path) in &files {
         let name = TargetName::new(name.as_str()).map_err(tuf(repo))?;
@@ -526,7 +554,6 @@ pub async fn publish(p: &Publish) -> Result<Published, UpdateRepoError> {
             .map_err(tuf(repo))?;
     }
     signed.write(&meta).await.map_err(tuf(repo))?;
-    let targets_version = next(versions.0).get();
     prune(&targets_dir, &wanted)?;
     Ok(Published {
         version: release.version,
@@ -546,45 +573,23 @@ pub async fn refresh(
     key: &Path,
     timestamp_expires: std::time::SystemTime,
 ) -> Result<u64, UpdateRepoError> {
-    let timestamp_expires = chrono::DateTime::<Utc>::from(timestamp_expires);
     let keys = keys(key)?;
-    let meta = repo.join("metadata");
-    if !meta.join("timestamp.json").exists() {
+    let Some(loaded) = load_signed(repo).await? else {
         return Err(UpdateRepoError::Empty {
             repo: repo.to_owned(),
         });
-    }
-    let root = std::fs::read(root_path(repo)).map_err(|source| UpdateRepoError::Read {
-        path: root_path(repo),
-        source,
-    })?;
-    let loaded = RepositoryLoader::new(&root, file_url(&meta)?, file_url(&repo.join("targets"))?)
-        .expiration_enforcement(ExpirationEnforcement::Unsafe)
-        .load()
+    };
+    let versions = role_versions(&loaded);
+    let editor = RepositoryEditor::from_repo(root_path(repo), loaded)
         .await
         .map_err(tuf(repo))?;
-    let versions = (
-        loaded.targets().signed.version.get(),
-        loaded.snapshot().signed.version.get(),
-        loaded.timestamp().signed.version.get(),
-    );
-    let next = |v: u64| NonZeroU64::new(v + 1).unwrap_or(NonZeroU64::MIN);
-    let now = Utc::now();
-    let mut editor = RepositoryEditor::from_repo(root_path(repo), loaded)
+    let expires = chrono::DateTime::<Utc>::from(timestamp_expires);
+    let (signed, _, timestamp_version) = sign_next(repo, editor, versions, expires, &keys).await?;
+    signed
+        .write(repo.join("metadata"))
         .await
         .map_err(tuf(repo))?;
-    editor
-        .targets_version(next(versions.0))
-        .map_err(tuf(repo))?
-        .targets_expires(now + Duration::days(365))
-        .map_err(tuf(repo))?
-        .snapshot_version(next(versions.1))
-        .snapshot_expires(now + Duration::days(365))
-        .timestamp_version(next(versions.2))
-        .timestamp_expires(timestamp_expires);
-    let signed = editor.sign(&keys).await.map_err(tuf(repo))?;
-    signed.write(&meta).await.map_err(tuf(repo))?;
-    Ok(next(versions.2).get())
+    Ok(timestamp_version)
 }
 
 async fn read_target(
