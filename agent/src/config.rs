@@ -185,6 +185,9 @@ pub struct UpdateConfig {
     pub repository: String,
     /// Seconds between checks; the fleet or `cairnctl update check` can ask for one sooner.
     pub check_interval_secs: u64,
+    /// Seconds between looks at the channel's signed timestamp alone (about 1 KB): when the fleet signed
+    /// something new (a publish, a wider wave), the full check runs at once instead of at the next interval.
+    pub watch_interval_secs: u64,
     /// Rebooting into a written update happens only inside this daily window, "HH:MM-HH:MM" in UTC
     /// (it may wrap midnight); "" is any time. Checking and writing happen at any time.
     pub window: String,
@@ -210,6 +213,7 @@ impl Default for UpdateConfig {
             root_file: "/usr/lib/cairn/update-root.json".into(),
             repository: String::new(),
             check_interval_secs: 4 * 3600,
+            watch_interval_secs: 60,
             window: String::new(),
             wave: cairn_proto::update::MAX_WAVE,
             boot_tries: 3,
@@ -648,6 +652,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("fleet.retry_min_secs", c.fleet.retry_min_secs),
         ("gate.timeout_secs", c.gate.timeout_secs),
         ("update.check_interval_secs", c.update.check_interval_secs),
+        ("update.watch_interval_secs", c.update.watch_interval_secs),
     ] {
         if secs == 0 {
             return Err(ConfigError::invalid(

@@ -324,6 +324,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             update_rx,
             shutdown_tx.subscribe(),
             Duration::from_secs(config.update.check_interval_secs),
+            Duration::from_secs(config.update.watch_interval_secs),
         ))
     };
     let control_task = tokio::spawn(control::serve(

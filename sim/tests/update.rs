@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn bin(name: &str) -> PathBuf {
     cairn_sim::process::bin_dir().join(name)
@@ -615,6 +616,57 @@ fn an_expired_timestamp_stops_updates_until_the_fleet_refreshes_it() {
         repo.key.to_str().unwrap(),
     ]);
     assert!(!ok && out.contains("nothing is published"), "{out}");
+}
+
+#[test]
+fn a_publish_is_taken_at_once_not_at_the_next_scheduled_check() {
+    let (t, repo, v1) = published_1_0_0();
+    let mut b = Device::new(t.path(), &v1, &repo);
+    b.cfg.reboot = false;
+    let rt = rt();
+    let updater = Arc::new(b.agent());
+    let (ask, asked) = tokio::sync::mpsc::channel(1);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let source = repo.source();
+    let task = rt.spawn(cairn_agent::update::run(
+        updater.clone(),
+        move || Ok(source.clone()),
+        asked,
+        stopped,
+        // The schedule alone would not check again within the test; only a look at the timestamp can.
+        Duration::from_secs(3600),
+        Duration::from_millis(200),
+    ));
+    // The first check (asked for, instead of waiting the 20 s after start) finds nothing newer.
+    rt.block_on(ask.send(())).unwrap();
+    let settle = Instant::now() + Duration::from_secs(10);
+    while updater.status().last_check_unix.is_none() {
+        assert!(Instant::now() < settle, "the asked-for check never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(updater.status().phase, UpdatePhase::Idle);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        updater.status().phase,
+        UpdatePhase::Idle,
+        "an unchanged timestamp does not make a check write anything"
+    );
+
+    let published = Instant::now();
+    repo.publish(&image("2.0.0", &[3]), &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while updater.status().phase != UpdatePhase::Staged {
+        assert!(
+            Instant::now() < deadline,
+            "2.0.0 was not taken after its publish: {:?}",
+            updater.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("staged {:?} after the publish", published.elapsed());
+    assert!(b.entries().iter().any(|e| e.starts_with("cairn-2.0.0-b")));
+    stop.send(true).unwrap();
+    rt.block_on(task).unwrap();
 }
 
 #[test]

@@ -46,6 +46,31 @@ pub enum Source {
     Directory(Url),
 }
 
+impl Source {
+    /// The SHA-256 of the repository's current `timestamp.json`, unverified: a cheap way to see that the fleet
+    /// signed something new (a publish, a wider wave, a refresh), which then gets a full, verified check.
+    /// None when it cannot be read (the full check reports why).
+    pub async fn timestamp_digest(&self) -> Option<[u8; 32]> {
+        let bytes = match self {
+            Source::Fleet { client, base } => {
+                let url = base.join("metadata/timestamp.json").ok()?;
+                client
+                    .update_file(url.path(), 64 * 1024)
+                    .await
+                    .ok()??
+                    .to_vec()
+            }
+            Source::Directory(base) => {
+                let url = base.join("metadata/timestamp.json").ok()?;
+                std::fs::read(url.to_file_path().ok()?).ok()?
+            }
+        };
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        Some(out)
+    }
+}
+
 /// A loaded, verified view of the repository (one TUF refresh).
 #[derive(Debug)]
 pub struct Channel {

@@ -517,18 +517,42 @@ pub async fn run(
     mut asked: tokio::sync::mpsc::Receiver<()>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     check_every: Duration,
+    look_every: Duration,
 ) {
     // Early, so a trial boot's outcome reaches the fleet soon after the gate blesses (or not).
     let mut next = Duration::from_secs(20);
     let mut failures = 0u32;
+    // What the fleet had signed at the last check: between checks, every `look_every` the agent fetches only
+    // the timestamp (~1 KB), and a changed one is the fleet asking for a check now (a publish, a wider wave).
+    let mut seen: Option<[u8; 32]> = None;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(next) => {}
-            Some(()) = asked.recv() => {}
-            _ = shutdown.changed() => return,
+        let due = tokio::time::Instant::now() + next;
+        loop {
+            let look = tokio::time::Instant::now() + look_every;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.min(look)) => {}
+                Some(()) = asked.recv() => break,
+                _ = shutdown.changed() => return,
+            }
+            if tokio::time::Instant::now() >= due {
+                break;
+            }
+            if let (Some(before), Ok(src)) = (seen, source()) {
+                if src
+                    .timestamp_digest()
+                    .await
+                    .is_some_and(|now| now != before)
+                {
+                    tracing::info!("the fleet signed a new update channel state; checking now");
+                    break;
+                }
+            }
         }
         let result = match source() {
-            Ok(src) => updater.check(&src).await,
+            Ok(src) => {
+                seen = src.timestamp_digest().await;
+                updater.check(&src).await
+            }
             Err(e) => updater.settle().and(Err(e)),
         };
         match result {
