@@ -9,10 +9,18 @@ default:
     @just --list
 
 # Install what the project needs (idempotent; root or sudo).
-deps:
+deps: (_apt apt_packages)
+
+test_packages := "tmux chromium zbar-tools"
+
+# What only the tests need: a terminal to read the console screen from, a QR reader, a browser for the local page.
+deps-test: (_apt test_packages)
+
+# Installs the Debian packages of a list that are missing.
+_apt PKGS:
     #!/usr/bin/env bash
     set -euo pipefail
-    missing=$(for p in {{apt_packages}}; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
+    missing=$(for p in {{PKGS}}; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
     if [ -n "$missing" ]; then
         sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
         echo "installing:" $missing
@@ -32,7 +40,7 @@ demo: deps build
 test: test-host test-qemu
 
 # The host tiers: unit, swtpm, cairnd process, nspawn systemd, simulated site (no image, no qemu).
-test-host: deps build
+test-host: deps deps-test build
     #!/usr/bin/env bash
     set -euo pipefail
     if cargo nextest --version >/dev/null 2>&1; then
@@ -64,16 +72,8 @@ bench-delta PKG="less": deps deps-image
 # Host tools for the image build and the qemu tier (large: qemu and OVMF), apart from `deps`.
 image_packages := "mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools fdisk jq qemu-system-x86 ovmf swtpm swtpm-tools"
 
-deps-image:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    missing=$(for p in {{image_packages}}; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
-    if [ -n "$missing" ]; then
-        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        echo "installing:" $missing
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
-    fi
+# Host tools for the image build and the qemu tier.
+deps-image: (_apt image_packages)
 
 # The A/B disk image of VERSION into target/image (docs/image.md); the Debian base is cached.
 image VERSION="1.0.0" *ARGS: deps deps-image

@@ -24,6 +24,7 @@ pub struct Config {
     pub fleet: FleetConfig,
     pub hardware: HardwareConfig,
     pub metrics: MetricsConfig,
+    pub page: PageConfig,
     pub health: HealthConfig,
     pub power: PowerConfig,
     pub telemetry: TelemetryConfig,
@@ -333,6 +334,30 @@ impl Default for HealthConfig {
 pub struct MetricsConfig {
     /// Where `GET /metrics` is served. Loopback by default: exposing it is a site decision.
     pub listen: SocketAddr,
+}
+
+/// The read-only local status page (docs/runbooks/first-install.md): the overview in a browser on the
+/// management network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PageConfig {
+    /// Network interfaces it answers on, by name; it answers on no other. The default is the management port
+    /// `mgmt0` (the image's link file names it); `[]` turns the page off.
+    pub interfaces: Vec<String>,
+    /// The port on those interfaces.
+    pub port: u16,
+    /// Further addresses to answer on, e.g. loopback behind a local proxy. Empty by default.
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for PageConfig {
+    fn default() -> Self {
+        PageConfig {
+            interfaces: vec!["mgmt0".into()],
+            port: 80,
+            listen: Vec::new(),
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -690,6 +715,27 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             "leave it empty for the fleet's repository, or give a file:/// directory",
         ));
     }
+    for name in &c.page.interfaces {
+        // The kernel's limit (IFNAMSIZ - 1) and what it forbids in a name.
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', ':'])
+            || name.contains(char::is_whitespace)
+        {
+            return Err(ConfigError::invalid(
+                origin,
+                format!("key `page.interfaces` holds {name:?}, which cannot be an interface name"),
+                "give interface names as `ip link` shows them, e.g. [\"mgmt0\"], or [] to turn the page off",
+            ));
+        }
+    }
+    if c.page.port == 0 && !c.page.interfaces.is_empty() {
+        return Err(ConfigError::invalid(
+            origin,
+            "key `page.port` is 0",
+            "give the port the page answers on, e.g. 80 (the default)",
+        ));
+    }
     if c.telemetry.batch_records == 0 {
         return Err(ConfigError::invalid(
             origin,
@@ -1004,6 +1050,9 @@ mod tests {
             ("[update]\nwindow = \"25:00-03:00\"\n", "update.window"),
             ("[update]\nwindow = \"0100-0300\"\n", "update.window"),
             ("[update]\nwave = 10\n", "update.wave"),
+            ("[page]\ninterfaces = [\"eth 0\"]\n", "page.interfaces"),
+            ("[page]\nport = 0\n", "page.port"),
+            ("[page]\nlisten = [\"nowhere\"]\n", "page.listen"),
             ("[update]\nboot_tries = 0\n", "update.boot_tries"),
             (
                 "[update]\nrepository = \"http://x/\"\n",

@@ -97,6 +97,8 @@ pub struct Context {
     pub update: crate::update::StatusHandle,
     /// Asks the updater for a check now.
     pub update_check: Option<mpsc::Sender<()>>,
+    /// What the overview needs beyond the above.
+    pub overview: crate::overview::Sources,
 }
 
 pub async fn serve(listener: UnixListener, ctx: Context) {
@@ -171,6 +173,7 @@ async fn answer(line: &str, ctx: &Context) -> Response {
     }
     match req.command {
         Command::Status => Response::Status(Box::new(ctx.board.snapshot())),
+        Command::Overview => Response::Overview(Box::new(crate::overview::snapshot(ctx))),
         Command::UpdateStatus => Response::Update(ctx.update.snapshot()),
         Command::UpdateCheck => match &ctx.update_check {
             // A full queue means a check is already due: that one answers the request too.

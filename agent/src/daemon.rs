@@ -327,19 +327,19 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
             Duration::from_secs(config.update.watch_interval_secs),
         ))
     };
-    let control_task = tokio::spawn(control::serve(
-        listener,
-        control::Context {
-            board: board.clone(),
-            attest: attest_tx,
-            sink: sink.clone(),
-            spool: spool.clone(),
-            uplink: uplink_state.clone(),
-            workloads: workloads_report,
-            update: update_status,
-            update_check: Some(update_tx),
-        },
-    ));
+    let control_ctx = control::Context {
+        board: board.clone(),
+        attest: attest_tx,
+        sink: sink.clone(),
+        spool: spool.clone(),
+        uplink: uplink_state.clone(),
+        workloads: workloads_report,
+        update: update_status,
+        update_check: Some(update_tx),
+        overview: crate::overview::Sources::from_config(&config),
+    };
+    let page_task = tokio::spawn(crate::local_page::run(control_ctx.clone()));
+    let control_task = tokio::spawn(control::serve(listener, control_ctx));
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
         board.clone(),
@@ -399,6 +399,7 @@ async fn run_async(loaded: Loaded) -> Result<(), DaemonError> {
     let _ = tokio::time::timeout(Duration::from_secs(3), workloads_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), update_task).await;
     metrics_task.abort();
+    page_task.abort();
     fleet_task.abort();
     notify_task.abort();
     if let Some(t) = watchdog_task {

@@ -442,6 +442,7 @@ impl Onboarding {
         }
         self.status.fleet_url = Some(found.url.clone());
         self.status.fleet_source = Some(found.source.to_string());
+        self.status.site = found.site.clone();
         self.set("contacting_fleet", format!("reaching {}", found.url));
         let timeout = Duration::from_secs(self.config.fleet.timeout_secs);
         let ca = self.config.fleet.ca_file.clone();

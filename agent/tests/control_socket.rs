@@ -53,6 +53,7 @@ fn ctx() -> control::Context {
         workloads: Default::default(),
         update: Default::default(),
         update_check: None,
+        overview: Default::default(),
     }
 }
 
@@ -186,4 +187,49 @@ fn stale_socket_is_replaced_and_missing_agent_is_named() {
     .unwrap_err();
     assert!(matches!(err, ControlError::Connect { .. }));
     assert!(err.to_string().contains("absent.sock"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_is_answered_and_the_page_binds_to_its_interface_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.sock");
+    let server = tokio::spawn(control::serve(control::bind(&path).unwrap(), ctx()));
+    let p = path.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        control::request(&p, Command::Overview, Duration::from_secs(5)).unwrap()
+    })
+    .await
+    .unwrap();
+    let Response::Overview(o) = answer else {
+        panic!("not an overview: {answer:?}")
+    };
+    let tpm = o.lines.iter().find(|l| l.topic == "TPM").unwrap();
+    assert!(tpm.text.contains("IBM"), "{tpm:?}");
+    server.abort();
+
+    // Bound to loopback by name: it answers there, with the page.
+    let listener = cairn_agent::local_page::bind_interface("lo", 0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let page = tokio::spawn(cairn_agent::local_page::serve(listener, ctx()));
+    let body = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("<th>TPM</th><td>TPM 2.0 IBM"), "{body}");
+    page.abort();
+
+    // An interface the box does not have is an error that names it (the agent retries it later).
+    let err = cairn_agent::local_page::bind_interface("nosuch0", 8080).unwrap_err();
+    assert!(
+        cairn_agent::error_chain(&err)
+            .starts_with("cannot serve the local page on interface nosuch0 port 8080"),
+        "{err}"
+    );
 }

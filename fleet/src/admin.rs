@@ -92,8 +92,14 @@ pub fn apply(store: &mut Store, req: &AdminRequest) -> Result<AdminResponse, Sto
                 message: crate::error_chain(&e),
             },
         },
-        AdminRequest::Approve { id } => match store.devices.get_mut(id) {
-            Some(rec) => {
+        AdminRequest::Approve { id } => match resolve(store, id) {
+            Err(message) => AdminResponse::Error { message },
+            Ok(id) => {
+                let Some(rec) = store.devices.get_mut(&id) else {
+                    return Ok(AdminResponse::Error {
+                        message: format!("device {id} is not known to this fleet"),
+                    });
+                };
                 if rec.vouched_by.is_none() {
                     rec.vouched_by = Some("operator".into());
                 }
@@ -110,23 +116,42 @@ pub fn apply(store: &mut Store, req: &AdminRequest) -> Result<AdminResponse, Sto
                     ),
                 }
             }
-            None => AdminResponse::Error {
-                message: format!("device {id} is not known to this fleet"),
-            },
         },
-        AdminRequest::Forget { id } => {
-            if store.devices.remove(id).is_some() {
+        AdminRequest::Forget { id } => match resolve(store, id) {
+            Err(message) => AdminResponse::Error { message },
+            Ok(id) => {
+                store.devices.remove(&id);
                 store.save()?;
                 AdminResponse::Done {
                     message: format!("device {id} forgotten; it must enrol from scratch"),
                 }
-            } else {
-                AdminResponse::Error {
-                    message: format!("device {id} is not known to this fleet"),
-                }
             }
-        }
+        },
     })
+}
+
+/// A device named by its id, or by the short code its console shows (`K7QF-2M9A`, any case, dash optional).
+fn resolve(store: &Store, named: &str) -> Result<String, String> {
+    if store.devices.contains_key(named) {
+        return Ok(named.to_owned());
+    }
+    let unknown = || {
+        format!(
+            "device {named} is not known to this fleet (give its id or the code on its console)"
+        )
+    };
+    let code = cairn_proto::overview::normalize_code(named).ok_or_else(unknown)?;
+    let mut matches = store
+        .devices
+        .keys()
+        .filter(|id| cairn_proto::overview::device_code(id) == code);
+    match (matches.next(), matches.next()) {
+        (Some(id), None) => Ok(id.clone()),
+        (Some(_), Some(_)) => Err(format!(
+            "code {code} matches more than one device: give the full device id (`cairn-fleet devices` lists them)"
+        )),
+        (None, _) => Err(unknown()),
+    }
 }
 
 fn store_dir(store: &Store) -> std::path::PathBuf {

@@ -326,9 +326,15 @@ fn workloads(action: WorkloadsAction) -> ExitCode {
 #[derive(Subcommand)]
 enum DeviceAction {
     /// Vouch for a pending device's TPM; it onboards at its next attempt.
-    Approve { id: String },
+    Approve {
+        /// The device id, or the code its console shows (e.g. K7QF-2M9A).
+        id: String,
+    },
     /// Drop a device's record (keys, pinned PCRs, certificate); it must enrol from scratch.
-    Forget { id: String },
+    Forget {
+        /// The device id, or the code its console shows.
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -526,8 +532,8 @@ fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) ->
     match resp {
         AdminResponse::Devices { devices } => {
             println!(
-                "{:<68} {:<10} {:<9} {:<14} {:<14} LAST REASON",
-                "DEVICE", "STATE", "EK", "VOUCHED BY", "IMAGE"
+                "{:<9} {:<68} {:<10} {:<9} {:<14} {:<14} LAST REASON",
+                "CODE", "DEVICE", "STATE", "EK", "VOUCHED BY", "IMAGE"
             );
             for d in devices {
                 let reason = d
@@ -535,7 +541,8 @@ fn devices(state: &std::path::Path, json: bool, action: Option<DeviceAction>) ->
                     .map(|r| format!("{}: {}", r.code, r.message))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<68} {:<10} {:<9} {:<14} {:<14} {reason}",
+                    "{:<9} {:<68} {:<10} {:<9} {:<14} {:<14} {reason}",
+                    cairn_proto::overview::device_code(&d.id),
                     d.id,
                     d.state.as_str(),
                     d.ek_algorithm,

@@ -34,6 +34,8 @@ pub enum Command {
     /// Check the update channel now (outside the schedule); answers with the status once the check is done
     /// or a write has started.
     UpdateCheck,
+    /// The site overview in words, as the console and the local status page show it.
+    Overview,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +47,7 @@ pub enum Response {
     Telemetry(TelemetryStatus),
     Workloads(WorkloadsReport),
     Update(crate::update::UpdateStatus),
+    Overview(Box<crate::overview::Overview>),
     Error { message: String },
 }
 
@@ -86,6 +89,9 @@ pub struct OnboardingStatus {
     /// The fleet in use and how it was found ("configuration", "provisioning file …", "DNS SRV …").
     pub fleet_url: Option<String>,
     pub fleet_source: Option<String>,
+    /// The provisioning file's `site` label, once one was read.
+    #[serde(default)]
+    pub site: Option<String>,
     /// The fleet's refusal code, when refused.
     pub code: Option<String>,
     /// When the next attempt or re-attestation is due.

@@ -2,6 +2,7 @@
 //!
 //! Two protocols live here, each versioned on its own:
 //! - [`control`]: the local control socket between `cairnctl` and `cairnd` (JSON lines over a Unix socket);
+//! - [`overview`]: the site overview the console, the local status page and `cairnctl` show;
 //! - [`update`]: the release manifest of the OTA update channel (a TUF target);
 //! - [`fleet`]: the agent-initiated HTTPS protocol between a device and its fleet backend;
 //!   [`telemetry`] holds its signed telemetry batches (CBOR in COSE_Sign1).
@@ -12,6 +13,7 @@
 pub mod control;
 pub mod eventlog;
 pub mod fleet;
+pub mod overview;
 pub mod recipe;
 pub mod telemetry;
 pub mod update;

@@ -118,6 +118,8 @@ pub struct SiteEnv {
     pub swtpm_pid: u32,
     pub tpm_tcti: String,
     pub metrics_url: String,
+    /// The local status page, on loopback.
+    pub page_url: String,
     pub fake_nvml_config: PathBuf,
     pub control_socket: PathBuf,
     /// The workloads' systemd container (`systemd-nspawn`), 0 when the site has none.
@@ -137,6 +139,7 @@ impl SiteEnv {
         let _ = writeln!(s, "SWTPM_PID={}", self.swtpm_pid);
         let _ = writeln!(s, "TPM_TCTI={}", self.tpm_tcti);
         let _ = writeln!(s, "METRICS_URL={}", self.metrics_url);
+        let _ = writeln!(s, "PAGE_URL={}", self.page_url);
         let _ = writeln!(s, "FAKE_NVML_CONFIG={}", self.fake_nvml_config.display());
         let _ = writeln!(s, "CONTROL_SOCKET={}", self.control_socket.display());
         let _ = writeln!(s, "NSPAWN_PID={}", self.nspawn_pid);
@@ -169,6 +172,7 @@ impl SiteEnv {
             swtpm_pid: pid("SWTPM_PID")?,
             tpm_tcti: get("TPM_TCTI")?,
             metrics_url: get("METRICS_URL")?,
+            page_url: get("PAGE_URL")?,
             fake_nvml_config: get("FAKE_NVML_CONFIG")?.into(),
             control_socket: get("CONTROL_SOCKET")?.into(),
             nspawn_pid: pid("NSPAWN_PID")?,
@@ -274,6 +278,7 @@ impl Site {
                 swtpm_pid: 0,
                 tpm_tcti: String::new(),
                 metrics_url: String::new(),
+                page_url: String::new(),
                 fake_nvml_config: gpus,
                 control_socket: dir.join("run/control.sock"),
                 nspawn_pid: 0,
@@ -298,6 +303,8 @@ impl Site {
 
         let metrics_port = free_port()?;
         site.env.metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let page_port = free_port()?;
+        site.env.page_url = format!("http://127.0.0.1:{page_port}/");
         let config = format!(
             "# cairnd configuration of the simulated site in {dir}\n\
              [agent]\ndata_dir = \"{data}\"\ncontrol_socket = \"{sock}\"\nlog_level = \"info\"\n\n\
@@ -305,7 +312,8 @@ impl Site {
              [fleet]\nurl = \"{url}\"\nca_file = \"{ca}\"\ncheck_interval_secs = 1\ntimeout_secs = 3\n\
              provisioning_paths = [\"{provision}\"]\ndiscover_srv = false\nretry_min_secs = 1\nretry_max_secs = 10\n\n\
              [hardware]\nsys_root = \"{sysroot}\"\nnvml_library = \"{nvml}\"\npoll_interval_secs = {poll}\nnvme_interval_secs = {poll}\n\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{workloads}{extra}",
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+             [page]\ninterfaces = []\nlisten = [\"127.0.0.1:{page_port}\"]\n{workloads}{extra}",
             dir = dir.display(),
             data = dir.join("agent/data").display(),
             sock = site.env.control_socket.display(),

@@ -1,4 +1,5 @@
-//! A fake sysfs tree with the entries the agent reads: hwmon chips, RAPL powercap zones and NVMe controllers.
+//! A fake sysfs tree with the entries the agent reads: hwmon chips, RAPL powercap zones, NVMe controllers and
+//! network ports.
 //! Values are shaped like a two-socket GPU server's.
 
 use crate::nvme_fixtures::{self, DriveCondition};
@@ -86,6 +87,17 @@ pub fn write(root: &Path, profile: &TreeProfile) -> std::io::Result<()> {
             &format!("{fans}/fan{f}_input"),
             &(4_200 + 100 * f).to_string(),
         )?;
+    }
+    // Two network ports: port 1 cabled, port 2 empty (as on a box that uses one uplink).
+    for (name, carrier, operstate, pci) in [
+        ("eno1", "1", "up", "0000:02:00.0"),
+        ("eno2", "0", "down", "0000:02:00.1"),
+    ] {
+        let c = format!("sys/class/net/{name}");
+        put(root, &format!("{c}/carrier"), carrier)?;
+        put(root, &format!("{c}/operstate"), operstate)?;
+        put(root, &format!("{c}/flags"), "0x1003")?;
+        device_link(root, &c, &format!("devices/pci0000:00/{pci}"))?;
     }
     for n in 0..profile.nvme_drives {
         let c = format!("sys/class/nvme/nvme{n}");

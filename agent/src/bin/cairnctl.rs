@@ -32,6 +32,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The site overview in words, as the console and the local page show it: every part, and for what is
+    /// not ok the cause and the next step. Exit code 0 when nothing is red, 1 otherwise.
+    Overview {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one archive for ops (versions, configuration with secrets redacted, the agent's answers, recent
+    /// journal, data directory listing). Works when cairnd is down. Exit code 0 once the archive is written.
+    Diagnose {
+        /// File or directory to write to; default /var/tmp. A directory gets cairn-diagnose-<code>-<time>.tar.zst.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Journal lines to include.
+        #[arg(long, default_value_t = 2000)]
+        journal_lines: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Quote PCRs with this device's attestation key into files tpm2_checkquote reads. Uses the TPM and the
     /// AK named by the agent's configuration; works whether or not cairnd runs.
     Quote {
@@ -120,6 +138,12 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match &args.command {
         Cmd::Status { json } => status(args.config, args.socket, *json),
+        Cmd::Overview { json } => overview(args.config, args.socket, *json),
+        Cmd::Diagnose {
+            out,
+            journal_lines,
+            json,
+        } => diagnose(args.config, args.socket, out.clone(), *journal_lines, *json),
         Cmd::Quote { nonce, pcrs, out } => quote(args.config, nonce, pcrs, out),
         Cmd::Attest { json } => attest(args.config, args.socket, *json),
         Cmd::Health { json } => health(args.config, args.socket, *json),
@@ -429,4 +453,207 @@ fn quote(config_path: Option<PathBuf>, nonce: &str, pcrs: &str, out: &std::path:
             ExitCode::FAILURE
         }
     }
+}
+
+fn overview(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    match ask(
+        config_path,
+        socket,
+        Command::Overview,
+        Duration::from_secs(10),
+    ) {
+        Ok(Response::Overview(o)) => {
+            let words = |o: &cairn_proto::overview::Overview| {
+                let screen = cairn_agent::console::Screen {
+                    width: 100,
+                    height: 0,
+                    colour: false,
+                };
+                let mut t = cairn_agent::console::render(o, screen).join("\n");
+                t.push('\n');
+                t
+            };
+            if let Err(code) = show(o.as_ref(), json, words) {
+                return code;
+            }
+            exit(o.verdict != cairn_proto::overview::Level::Fault)
+        }
+        Ok(other) => unexpected(other),
+        Err(code) => code,
+    }
+}
+
+/// A progress bar on stderr when it is a terminal; silent otherwise, so scripts and logs get only the result.
+struct Progress {
+    total: usize,
+    done: usize,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(libc::STDERR_FILENO) } == 1;
+        Progress {
+            total,
+            done: 0,
+            tty,
+        }
+    }
+
+    fn step(&mut self, what: &str) {
+        self.done += 1;
+        if self.tty {
+            let width = 30;
+            let filled = width * self.done / self.total.max(1);
+            eprint!(
+                "\r\x1b[K[{}{}] {}/{} {what}",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                self.done,
+                self.total
+            );
+            if self.done == self.total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+fn diagnose(
+    config_path: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    out: Option<PathBuf>,
+    journal_lines: usize,
+    json: bool,
+) -> ExitCode {
+    use cairn_agent::diagnose::{self as diag, Part};
+    // A configuration that does not load is itself worth sending: the archive then says why.
+    let loaded = config::load(&config::Sources::system(config_path));
+    let (config, sources, config_error) = match loaded {
+        Ok(l) => (l.config, l.sources, None),
+        Err(e) => (
+            config::Config::default(),
+            Vec::new(),
+            Some(cairn_agent::error_chain(&e)),
+        ),
+    };
+    let socket = socket.unwrap_or_else(|| config.agent.control_socket.clone());
+    let questions: [(&str, Command); 6] = [
+        ("overview.json", Command::Overview),
+        ("status.json", Command::Status),
+        ("health.json", Command::Health),
+        ("telemetry.json", Command::Telemetry),
+        ("workloads.json", Command::Workloads),
+        ("update.json", Command::UpdateStatus),
+    ];
+    // The agent's answers, then configuration, journal, data directory and versions.
+    let mut progress = Progress::new(questions.len() + 4);
+    let mut parts = Vec::new();
+    let mut missing = Vec::new();
+    let mut agent_version = None;
+    let mut code = None;
+    for (name, command) in questions {
+        progress.step(name);
+        match control::request(&socket, command, Duration::from_secs(10)) {
+            Ok(answer) => {
+                if let Response::Status(s) = &answer {
+                    agent_version = Some(s.agent.version.clone());
+                }
+                if let Response::Overview(o) = &answer {
+                    code.clone_from(&o.code);
+                }
+                let text = serde_json::to_string_pretty(&answer).unwrap_or_else(|e| e.to_string());
+                parts.push(Part {
+                    name: name.into(),
+                    text: diag::scrub(&text),
+                });
+            }
+            Err(e) => missing.push(format!("{name}: {}", cairn_agent::error_chain(&e))),
+        }
+    }
+    progress.step("configuration");
+    let mut cfg_text =
+        String::from("# The effective configuration, secrets redacted. Applied, in order:\n");
+    for s in &sources {
+        cfg_text.push_str(&format!("#   {s}\n"));
+    }
+    if let Some(e) = &config_error {
+        cfg_text.push_str(&format!(
+            "# It does not load: {}\n# These are the built-in defaults.\n",
+            diag::scrub(e)
+        ));
+    }
+    cfg_text.push_str(&diag::redacted_config(&config));
+    parts.push(Part {
+        name: "config.toml".into(),
+        text: cfg_text,
+    });
+    progress.step("journal");
+    parts.push(Part {
+        name: "journal.txt".into(),
+        text: diag::journal(journal_lines),
+    });
+    progress.step("data directory");
+    parts.push(Part {
+        name: "data-dir.txt".into(),
+        text: diag::data_dir_listing(&config.agent.data_dir),
+    });
+    progress.step("versions");
+    parts.push(Part {
+        name: "versions.txt".into(),
+        text: diag::versions(agent_version.as_deref()),
+    });
+    let now = cairn_agent::status::now_unix();
+    let stamp = cairn_agent::view::utc(now)
+        .replace([' ', ':'], "")
+        .replace('-', "");
+    let base = format!(
+        "cairn-diagnose-{}-{stamp}",
+        code.as_deref().unwrap_or("unknown")
+    );
+    let mut manifest = format!(
+        "cairn diagnostics, written {} UTC by cairnctl {}\nNo key material is included: identity/ is listed, never read, and every text is scrubbed.\n\nFiles:\n",
+        cairn_agent::view::utc(now),
+        env!("CARGO_PKG_VERSION")
+    );
+    for p in &parts {
+        manifest.push_str(&format!("  {} ({} bytes)\n", p.name, p.text.len()));
+    }
+    if !missing.is_empty() {
+        manifest.push_str("\nNot collected:\n");
+        for m in &missing {
+            manifest.push_str(&format!("  {m}\n"));
+        }
+    }
+    parts.insert(
+        0,
+        Part {
+            name: "MANIFEST.txt".into(),
+            text: manifest,
+        },
+    );
+    let target = out.unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let path = if target.is_dir() {
+        target.join(format!("{base}.tar.zst"))
+    } else {
+        target
+    };
+    if let Err(e) = diag::write_archive(&path, &base, &parts, now) {
+        eprintln!("cairnctl: {}", cairn_agent::error_chain(&e));
+        return ExitCode::FAILURE;
+    }
+    if json {
+        let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+        println!(
+            "{}",
+            serde_json::json!({"archive": path, "files": names, "not_collected": missing})
+        );
+    } else {
+        println!("wrote {}", path.display());
+        for m in &missing {
+            eprintln!("cairnctl: not collected: {m}");
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -5,6 +5,7 @@
 //! BMC's power reading behind [`power::IpmiTransport`], the UPS through a NUT server ([`power::nut`]).
 
 pub mod gpu;
+pub mod network;
 pub mod nvme;
 pub mod power;
 pub mod sysfs;

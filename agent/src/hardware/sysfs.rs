@@ -18,7 +18,7 @@ impl SysRoot {
         SysRoot { root }
     }
 
-    fn class(&self, class: &str) -> PathBuf {
+    pub(crate) fn class(&self, class: &str) -> PathBuf {
         self.root.join("sys/class").join(class)
     }
 

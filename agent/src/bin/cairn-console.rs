@@ -1,0 +1,130 @@
+//! cairn-console: the status screen on the local console (cairn-console@tty1, and --plain on the serial
+//! console). Asks cairnd for the overview over the control socket and draws it; reads no input and sends
+//! no command that changes anything.
+//! Exit codes: 0 after --once, 2 usage, 78 configuration error; it runs until stopped otherwise.
+
+use cairn_agent::console::{self, Screen};
+use cairn_agent::{config, control};
+use cairn_proto::control::{Command, Response};
+use clap::Parser;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(version, about = "Show the box's status on a console, live, read-only")]
+struct Args {
+    /// The agent's configuration file (to find its control socket); default: the agent's own search.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Talk to this control socket instead of the configured one.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Seconds between redraws.
+    #[arg(long, default_value_t = 2)]
+    interval: u64,
+    /// For serial consoles and logs: no cursor control and no colour; the screen is printed again only when
+    /// what it says changes.
+    #[arg(long)]
+    plain: bool,
+    /// Draw once and exit.
+    #[arg(long)]
+    once: bool,
+}
+
+/// The terminal's size, or 80×24 when stdout is not a terminal.
+fn size() -> (usize, usize) {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the pointer it is given, which points at a live local.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 && ws.ws_row > 0 {
+        (usize::from(ws.ws_col), usize::from(ws.ws_row))
+    } else {
+        (80, 24)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let socket = match args.socket.clone() {
+        Some(s) => s,
+        None => match config::load(&config::Sources::system(args.config.clone())) {
+            Ok(l) => l.config.agent.control_socket,
+            Err(e) => {
+                eprintln!("cairn-console: {}", cairn_agent::error_chain(&e));
+                return ExitCode::from(config::EXIT_CONFIG as u8);
+            }
+        },
+    };
+    let colour = !args.plain && std::env::var_os("NO_COLOR").is_none();
+    let mut last_plain = String::new();
+    let mut out = std::io::stdout();
+    if !args.plain && !args.once {
+        // Hide the cursor: nothing on this screen takes input.
+        let _ = out.write_all(b"\x1b[?25l\x1b[2J");
+    }
+    loop {
+        let (width, height) = size();
+        // The QR code is drawn when it fits the terminal; once is drawn whole, and a serial log gets none.
+        let room = if args.plain {
+            0
+        } else if args.once {
+            usize::MAX / 2
+        } else {
+            height
+        };
+        let screen = Screen {
+            width,
+            height: room,
+            colour,
+        };
+        let now = cairn_agent::status::now_unix();
+        let (lines, stable) =
+            match control::request(&socket, Command::Overview, Duration::from_secs(5)) {
+                Ok(Response::Overview(o)) => {
+                    let lines = console::render(&o, screen);
+                    // What changed, minus the clock in the first line: what --plain prints again on.
+                    let stable = format!("{:?}{:?}{:?}", o.lines, o.code, o.headline);
+                    (lines, stable)
+                }
+                Ok(other) => {
+                    let why = format!("cairnd sent an unexpected answer: {other:?}");
+                    (console::render_unreachable(&why, now, screen), why)
+                }
+                Err(e) => {
+                    let why = cairn_agent::error_chain(&e);
+                    (console::render_unreachable(&why, now, screen), why)
+                }
+            };
+        let text = if args.plain || args.once {
+            if args.plain && stable == last_plain {
+                None
+            } else {
+                last_plain = stable;
+                Some(format!("{}\n\n", lines.join("\n")))
+            }
+        } else {
+            Some(console::frame(&lines, height))
+        };
+        if let Some(t) = text {
+            if out
+                .write_all(t.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                // The terminal went away (serial unplugged, tty closed): systemd restarts the unit.
+                return ExitCode::FAILURE;
+            }
+        }
+        if args.once {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_secs(args.interval.max(1)));
+    }
+}
