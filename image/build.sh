@@ -42,7 +42,7 @@ if [ -z "$base_only" ]; then
     [ -n "$version" ] || die "--version is required (e.g. --version 1.0.0)"
     [[ "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "version $version is not MAJOR.MINOR.PATCH"
     [ -n "$out" ] || die "--out DIR is required"
-    for b in cairnd cairnctl; do
+    for b in cairnd cairnctl cairn-console; do
         [ -x "$bin/$b" ] || die "$bin/$b is missing: build it first (cargo build --release --locked)"
     done
     [ -x "$fleet_bin" ] || die "$fleet_bin is missing (it computes the reference measurements): build it first (cargo build --locked -p cairn-fleet) or give --fleet-bin"
@@ -84,11 +84,12 @@ out=$(cd "$out" && pwd)
 tree="$work/tree"
 cp -a "$base" "$tree"
 kver=$(ls "$tree/usr/lib/modules")
-install -m 0755 "$bin/cairnd" "$bin/cairnctl" "$tree/usr/bin/"
+install -m 0755 "$bin/cairnd" "$bin/cairnctl" "$bin/cairn-console" "$tree/usr/bin/"
 install -d "$tree/usr/lib/cairn" "$tree/usr/share/doc/cairn"
 cp -r "$here/rootfs/." "$tree/"
 install -m 0644 "$repo/agent/dist/cairnd.service" "$tree/usr/lib/systemd/system/cairnd.service"
 cp "$repo/docs/"*.md "$tree/usr/share/doc/cairn/"
+cp -r "$repo/docs/runbooks" "$tree/usr/share/doc/cairn/"
 {
     echo "# cairn image defaults (layer 2: /usr/lib); the site overrides them in /etc/cairn/cairnd.toml."
     echo "[agent]"
@@ -97,6 +98,8 @@ cp "$repo/docs/"*.md "$tree/usr/share/doc/cairn/"
     echo 'tcti = "device:/dev/tpmrm0"'
     echo "[fleet]"
     echo 'ca_file = "/usr/lib/cairn/fleet-ca.pem"'
+    # A mounted stick first, then a file ops put on the ESP before shipping (/efi is where the image mounts it).
+    echo 'provisioning_paths = ["/run/cairn/provision/cairn-provision.toml", "/efi/cairn-provision.toml"]'
     [ -z "$fleet_url" ] || echo "url = \"$fleet_url\""
     [ -z "$signer" ] || { echo "[workloads]"; echo 'signer_key = "/usr/lib/cairn/workload-signer.pub"'; }
     for c in "${configs[@]}"; do cat "$c"; done
@@ -117,10 +120,13 @@ ln -s /var/lib/cairn/etc "$tree/etc/cairn"
 # assessed (boot counting), also requires it, so only a passing gate blesses a new entry.
 for link in multi-user.target.wants/cairnd.service multi-user.target.wants/systemd-networkd.service \
     multi-user.target.wants/cairn-health-gate.service boot-complete.target.requires/cairn-health-gate.service \
-    sysinit.target.wants/systemd-repart.service; do
+    sysinit.target.wants/systemd-repart.service multi-user.target.wants/cairn-console-serial.service; do
     mkdir -p "$tree/etc/systemd/system/$(dirname "$link")"
     ln -sf "/usr/lib/systemd/system/$(basename "$link")" "$tree/etc/systemd/system/$link"
 done
+# The status screen owns tty1 (a login is on tty2, Alt-F2); the serial port gets it in plain text.
+ln -sf /usr/lib/systemd/system/cairn-console@.service "$tree/etc/systemd/system/multi-user.target.wants/cairn-console@tty1.service"
+ln -sf /dev/null "$tree/etc/systemd/system/getty@tty1.service"
 echo cairn > "$tree/etc/hostname" # not the build host's name
 mkdir -p "$tree/efi" # the ESP's mount point (fstab); the root is read-only at run time
 cp "$tree/boot/vmlinuz-$kver" "$work/vmlinuz"

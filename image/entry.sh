@@ -3,6 +3,7 @@
 # An update writes the entry for the other slot with this same layout;
 # the qemu tier boots both slots. The last console= is /dev/console (systemd status, emergency shell): the
 # serial port, which headless boxes and the qemu tier read; the screen on tty1 gets the kernel log.
+# fbcon=font:TER16x32: the kernel's large font, so the status screen on tty1 reads from a metre away.
 # Status lines name units (short lines the console does not cut, and the name is what `journalctl -u` wants).
 set -euo pipefail
 [ $# -eq 3 ] || { echo "usage: $0 VERSION SLOT(a|b) ROOTHASH" >&2; exit 2; }
@@ -15,5 +16,5 @@ version $version
 sort-key cairn
 linux /EFI/cairn/$version-$slot/vmlinuz
 initrd /EFI/cairn/$version-$slot/initrd
-options roothash=$roothash systemd.verity_root_data=/dev/disk/by-partlabel/root-$slot systemd.verity_root_hash=/dev/disk/by-partlabel/root-$slot-verity root=/dev/mapper/root rootfstype=erofs ro console=tty1 console=ttyS0,115200 systemd.status_unit_format=name cairn.slot=$slot
+options roothash=$roothash systemd.verity_root_data=/dev/disk/by-partlabel/root-$slot systemd.verity_root_hash=/dev/disk/by-partlabel/root-$slot-verity root=/dev/mapper/root rootfstype=erofs ro console=tty1 console=ttyS0,115200 fbcon=font:TER16x32 systemd.status_unit_format=name cairn.slot=$slot
 ENTRY

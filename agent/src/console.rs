@@ -97,11 +97,44 @@ pub fn qr_lines(text: &str) -> Vec<String> {
     lines
 }
 
+/// One overview line: its mark, topic and text, then its next step under it.
+fn line_rows(l: &cairn_proto::overview::Line, text_width: usize, colour_on: bool) -> Vec<String> {
+    let (word, colour) = mark(l.level);
+    let mut rows = Vec::new();
+    for (n, part) in wrap(&l.text, text_width).iter().enumerate() {
+        if n == 0 {
+            let text = if l.level == Level::Fault {
+                paint(colour_on, "1", part)
+            } else {
+                part.clone()
+            };
+            rows.push(format!(
+                " {}  {:<TOPIC_WIDTH$}{text}",
+                paint(colour_on, colour, word),
+                l.topic
+            ));
+        } else {
+            rows.push(format!("       {:<TOPIC_WIDTH$}{part}", ""));
+        }
+    }
+    if let Some(next) = &l.next_step {
+        for (n, part) in wrap(next, text_width.saturating_sub(2)).iter().enumerate() {
+            let arrow = if n == 0 { "→ " } else { "  " };
+            rows.push(format!(
+                "       {:<TOPIC_WIDTH$}{}",
+                "",
+                paint(colour_on, colour, &format!("{arrow}{part}"))
+            ));
+        }
+    }
+    rows
+}
+
 /// The whole screen, as lines (without cursor control).
 pub fn render(o: &Overview, s: Screen) -> Vec<String> {
     let width = s.width.max(40);
     let mut out = Vec::new();
-    let code = o.code.as_deref().unwrap_or("(TPM not read yet)");
+    let code = o.code.as_deref().unwrap_or("(no device id yet)");
     let site = o.site.as_deref().unwrap_or("not set");
     let slot = o
         .slot
@@ -128,49 +161,64 @@ pub fn render(o: &Overview, s: Screen) -> Vec<String> {
         ),
     ));
     out.push(String::new());
-    let text_width = width.saturating_sub(TOPIC_WIDTH + 8);
-    for l in &o.lines {
-        let (word, colour) = mark(l.level);
-        for (n, part) in wrap(&l.text, text_width).iter().enumerate() {
-            if n == 0 {
-                out.push(format!(
-                    " {}  {:<TOPIC_WIDTH$}{}",
-                    paint(s.colour, colour, word),
-                    l.topic,
-                    if l.level == Level::Fault {
-                        paint(s.colour, "1", part)
-                    } else {
-                        part.clone()
-                    }
-                ));
-            } else {
-                out.push(format!("       {:<TOPIC_WIDTH$}{part}", ""));
-            }
-        }
-        if let Some(next) = &l.next_step {
-            for (n, part) in wrap(next, text_width.saturating_sub(2)).iter().enumerate() {
-                let arrow = if n == 0 { "→ " } else { "  " };
-                out.push(format!(
-                    "       {:<TOPIC_WIDTH$}{}",
-                    "",
-                    paint(s.colour, colour, &format!("{arrow}{part}"))
-                ));
-            }
-        }
-    }
-    out.push(String::new());
+    let mut footer = Vec::new();
     if let Some(id) = &o.device_id {
         for (n, part) in wrap(id, width.saturating_sub(12)).iter().enumerate() {
-            out.push(format!(
+            footer.push(format!(
                 " {:<10}{part}",
                 if n == 0 { "device id" } else { "" }
             ));
         }
     }
     if !o.page_urls.is_empty() {
-        out.push(format!(" {:<10}{}", "page", o.page_urls.join("  ")));
+        footer.push(format!(" {:<10}{}", "page", o.page_urls.join("  ")));
     }
-    out.push(" This screen only shows the box's state; nothing typed here changes it.".into());
+    for part in wrap(
+        "This screen only shows the box's state; nothing typed here changes it.",
+        width.saturating_sub(2),
+    ) {
+        footer.push(format!(" {part}"));
+    }
+    let text_width = width.saturating_sub(TOPIC_WIDTH + 8);
+    let blocks: Vec<(Level, Vec<String>)> = o
+        .lines
+        .iter()
+        .map(|l| (l.level, line_rows(l, text_width, s.colour)))
+        .collect();
+    let rows: usize = blocks.iter().map(|(_, b)| b.len()).sum();
+    // On a small screen (the large console font gives 64×24) the green lines fold into one, so every red
+    // line and its next step still fit.
+    let fold = s.height > 0 && out.len() + rows + 1 + footer.len() > s.height;
+    let mut folded = Vec::new();
+    for (level, block) in blocks {
+        if fold && level == Level::Ok {
+            folded.push(block);
+            continue;
+        }
+        out.extend(block);
+    }
+    if !folded.is_empty() {
+        let topics: Vec<&str> = o
+            .lines
+            .iter()
+            .filter(|l| l.level == Level::Ok)
+            .map(|l| l.topic.as_str())
+            .collect();
+        let (word, colour) = mark(Level::Ok);
+        for (n, part) in wrap(&topics.join(", "), width.saturating_sub(8))
+            .iter()
+            .enumerate()
+        {
+            let mark = if n == 0 {
+                paint(s.colour, colour, word)
+            } else {
+                "    ".into()
+            };
+            out.push(format!(" {mark}  {part}"));
+        }
+    }
+    out.push(String::new());
+    out.extend(footer);
     if let Some(payload) = qr_payload(o) {
         let qr = qr_lines(&payload);
         // The QR code goes below when it fits; the code and id are on screen in words either way.
@@ -293,6 +341,63 @@ mod tests {
         let text = lines.join("\n");
         assert!(!text.contains('▀'));
         assert!(text.contains("\x1b[1;31mFAIL\x1b[0m"), "{text}");
+    }
+
+    #[test]
+    fn on_a_64_by_24_console_green_lines_fold_and_red_ones_stay_whole() {
+        let mut o = overview(Level::Fault);
+        o.lines.push(Line {
+            topic: "GPUs".into(),
+            level: Level::Fault,
+            text: "GPU 3 (PCI 0000:13:00.0) failed: XID 79: the GPU has fallen off the bus".into(),
+            next_step: Some(
+                "the box keeps running its other GPUs; call ops to arrange a replacement".into(),
+            ),
+        });
+        for topic in [
+            "TPM",
+            "Update",
+            "GPUs",
+            "SSDs",
+            "Power",
+            "Uplink",
+            "Telemetry",
+            "Workloads",
+            "Attestation",
+        ] {
+            o.lines.push(Line {
+                topic: topic.into(),
+                level: Level::Ok,
+                text: "fine".into(),
+                next_step: None,
+            });
+        }
+        let lines = render(
+            &o,
+            Screen {
+                width: 64,
+                height: 24,
+                colour: false,
+            },
+        );
+        let text = lines.join("\n");
+        assert!(lines.len() <= 24, "{text}");
+        assert!(
+            text.contains("FAIL  Network     no network link on port 1"),
+            "{text}"
+        );
+        assert!(text.contains("→ check the cable"), "{text}");
+        assert!(text.contains(" OK   TPM, Update, GPUs"), "{text}");
+        let tall = render(
+            &o,
+            Screen {
+                width: 64,
+                height: 80,
+                colour: false,
+            },
+        )
+        .join("\n");
+        assert!(tall.contains(" OK   TPM         fine"), "{tall}");
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct DiscoverySettings {
     pub dns_timeout: Duration,
     /// Test hook: ask this server (any port) instead of resolv.conf's name servers.
     pub nameserver_override: Option<SocketAddr>,
+    /// Where the last valid provisioning file is kept (on the data partition), so the box still finds its
+    /// fleet after the stick is taken out; a newer stick replaces it. `None` keeps nothing.
+    pub kept: Option<PathBuf>,
 }
 
 impl Default for DiscoverySettings {
@@ -74,6 +77,7 @@ impl Default for DiscoverySettings {
             resolv_conf: "/etc/resolv.conf".into(),
             dns_timeout: DEFAULT_DNS_TIMEOUT,
             nameserver_override: None,
+            kept: None,
         }
     }
 }
@@ -140,7 +144,21 @@ fn origin(path: &Path, line: Option<usize>) -> String {
 pub fn discover(s: &DiscoverySettings) -> Result<Option<Discovered>, DiscoveryError> {
     for path in &s.provisioning_paths {
         if let Some(found) = read_provisioning(path)? {
+            if let Some(kept) = &s.kept {
+                keep(path, kept);
+            }
             return Ok(Some(found));
+        }
+    }
+    if let Some(kept) = &s.kept {
+        // A kept copy that went bad is not worth blocking on: the stick or DNS can name the fleet again.
+        match read_provisioning(kept) {
+            Ok(Some(found)) => return Ok(Some(found)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                "ignoring the kept provisioning file: {}",
+                crate::error_chain(&e)
+            ),
         }
     }
     if s.srv {
@@ -161,6 +179,35 @@ pub fn discover(s: &DiscoverySettings) -> Result<Option<Discovered>, DiscoveryEr
 
 // ---------------------------------------------------------------------------------------------------------
 // Provisioning file
+
+/// Copies a valid provisioning file to `kept` when it differs, through a temporary file and a rename so a
+/// power cut leaves the old copy or the new one. Failure only costs the fallback, so it is logged, not fatal.
+fn keep(path: &Path, kept: &Path) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    if std::fs::read(kept).is_ok_and(|old| old == bytes) {
+        return;
+    }
+    let tmp = kept.with_extension("tmp");
+    let result = (|| {
+        if let Some(dir) = kept.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, kept)
+    })();
+    match result {
+        Ok(()) => {
+            tracing::info!(from = %path.display(), to = %kept.display(), "provisioning file kept")
+        }
+        Err(e) => {
+            tracing::warn!(from = %path.display(), to = %kept.display(), error = %e, "cannot keep the provisioning file")
+        }
+    }
+}
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

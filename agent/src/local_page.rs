@@ -308,7 +308,7 @@ pub fn page(o: &Overview) -> String {
     let _ = write!(
         h,
         "<h1>cairn box {}</h1>",
-        escape(o.code.as_deref().unwrap_or("(TPM not read yet)"))
+        escape(o.code.as_deref().unwrap_or("(no device id yet)"))
     );
     let _ = write!(
         h,

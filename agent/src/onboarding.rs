@@ -27,6 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub const STATE_FILE: &str = "onboarding.json";
 const CERT_FILE: &str = "device.crt";
+/// The last provisioning file seen, kept on the data partition (see `discovery::DiscoverySettings::kept`).
+pub const KEPT_PROVISIONING: &str = "provision.toml";
 
 /// Why an attempt did not end in "onboarded".
 enum Failure {
@@ -303,6 +305,7 @@ impl Onboarding {
             resolv_conf: f.resolv_conf.clone(),
             dns_timeout: Duration::from_secs(2),
             nameserver_override: None,
+            kept: Some(self.config.agent.data_dir.join(KEPT_PROVISIONING)),
         }
     }
 

@@ -213,10 +213,18 @@ fn onboarding(i: &Inputs, code: Option<&str>, lines: &mut Vec<Line>) {
             "no fleet address: the box does not know where to report".to_owned(),
             Some("insert the provisioning USB stick from ops (it holds cairn-provision.toml) and wait a minute".to_owned()),
         ),
-        "retrying" => (
+        "retrying" if looks_like_network(&o.detail) => (
             Level::Fault,
             format!("cannot reach {fleet} to onboard: {}", o.detail),
             Some("check the network cable and that the site has internet; the box retries by itself".to_owned()),
+        ),
+        "retrying" => (
+            Level::Fault,
+            format!("cannot onboard: {}", o.detail),
+            Some(format!(
+                "this is not the network: {}; the box retries by itself",
+                give_code(code)
+            )),
         ),
         "refused" => (
             Level::Attention,
@@ -235,6 +243,31 @@ fn onboarding(i: &Inputs, code: Option<&str>, lines: &mut Vec<Line>) {
         ),
     };
     push(lines, "Onboarding", level, text, next);
+}
+
+/// Whether an error is the network's (cable, DNS, routing, firewall, the fleet not answering) rather than
+/// the box's own (a missing file, a TPM error): only then is the cable worth checking.
+fn looks_like_network(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    [
+        "connect",
+        "timed out",
+        "timeout",
+        "unreachable",
+        "refused",
+        "reset by peer",
+        "dns",
+        "resolve",
+        "lookup",
+        "no route",
+        "broken pipe",
+        "network",
+        "tls handshake",
+        "eof",
+    ]
+    .iter()
+    .any(|w| r.contains(w))
+        && !r.contains("could not be read")
 }
 
 /// What a field tech can do about a refusal, by the fleet's code.
@@ -711,8 +744,20 @@ fn uplink(i: &Inputs, lines: &mut Vec<Line>) {
             format!("cannot reach the fleet{since}: {reason}"),
             Some(if no_link {
                 "fix the network link first (see Network)".into()
-            } else {
+            } else if looks_like_network(reason) {
                 "check the site's internet connection (router on, outbound HTTPS allowed); telemetry is kept on the box meanwhile".into()
+            } else {
+                format!(
+                    "this is not the network: the box's fleet settings are broken; {}",
+                    give_code(
+                        i.status
+                            .onboarding
+                            .device_id
+                            .as_deref()
+                            .map(device_code)
+                            .as_deref()
+                    )
+                )
             }),
         ),
     }
@@ -961,6 +1006,32 @@ mod tests {
         assert!(l.next_step.unwrap().contains("check the cable"));
         let up = fault(&i, "Uplink");
         assert!(up.next_step.unwrap().contains("network link first"));
+    }
+
+    #[test]
+    fn a_broken_setting_is_not_blamed_on_the_cable() {
+        let mut i = healthy();
+        let reason = "fleet CA file /usr/lib/cairn/fleet-ca.pem could not be read: No such file or directory";
+        i.status.onboarding.state = "retrying".into();
+        i.status.onboarding.detail = reason.into();
+        i.status.fleet = ComponentStatus::Unavailable {
+            reason: reason.into(),
+            checked_unix: 1,
+        };
+        let o = fault(&i, "Onboarding");
+        assert_eq!(o.text, format!("cannot onboard: {reason}"));
+        assert!(o.next_step.unwrap().starts_with("this is not the network"));
+        assert!(fault(&i, "Uplink")
+            .next_step
+            .unwrap()
+            .starts_with("this is not the network"));
+
+        i.status.onboarding.detail = "connect to fleet.example:8443 timed out".into();
+        let o = fault(&i, "Onboarding");
+        assert!(
+            o.next_step.as_deref().unwrap().contains("check the network cable"),
+            "{o:?}"
+        );
     }
 
     #[test]

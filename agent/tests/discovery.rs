@@ -190,6 +190,7 @@ impl Site {
             resolv_conf: resolv,
             dns_timeout: TIMEOUT,
             nameserver_override: dns,
+            kept: Some(dir.path().join("data/provision.toml")),
         };
         Site { dir, settings }
     }
@@ -328,6 +329,45 @@ fn provisioning_file_beats_srv_and_configuration() {
         format!("provisioning file {}", path.display())
     );
     assert!(dns.asked().is_empty(), "DNS was not consulted");
+}
+
+#[test]
+fn the_stick_is_kept_so_the_box_finds_its_fleet_after_it_is_taken_out_and_a_new_stick_wins() {
+    let site = Site::new("", None);
+    let stick = site.provision("fleet_url = \"https://stick.example:8443\"\nsite = \"rack 3\"\n");
+    let found = site.discover().unwrap().unwrap();
+    assert_eq!(found.source, Source::ProvisioningFile(stick.clone()));
+    let kept = site.path().join("data/provision.toml");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        std::fs::read(&stick).unwrap()
+    );
+
+    std::fs::remove_file(&stick).unwrap();
+    let found = site.discover().unwrap().unwrap();
+    assert_eq!(
+        found.url, "https://stick.example:8443",
+        "the stick is gone; the kept copy names the fleet"
+    );
+    assert_eq!(found.site.as_deref(), Some("rack 3"));
+    assert_eq!(found.source, Source::ProvisioningFile(kept.clone()));
+
+    // Moving the box: the new site's stick replaces the kept copy.
+    site.provision("fleet_url = \"https://other.example\"\nsite = \"hall 2\"\n");
+    assert_eq!(
+        site.discover().unwrap().unwrap().url,
+        "https://other.example"
+    );
+    std::fs::remove_file(&stick).unwrap();
+    let found = site.discover().unwrap().unwrap();
+    assert_eq!(
+        (found.url.as_str(), found.site.as_deref()),
+        ("https://other.example", Some("hall 2"))
+    );
+
+    // A kept copy that went bad does not block discovery: the configured URL still answers.
+    std::fs::write(&kept, "fleet_url = 3\n").unwrap();
+    assert_eq!(site.discover().unwrap().unwrap().url, CONFIGURED);
 }
 
 #[test]

@@ -24,14 +24,17 @@ struct Args {
     /// Seconds between redraws.
     #[arg(long, default_value_t = 2)]
     interval: u64,
-    /// For serial consoles and logs: no cursor control and no colour; the screen is printed again only when
-    /// what it says changes.
+    /// For serial consoles and logs: no cursor control, no colour, no QR code; the screen is printed again
+    /// when a line changes level or advice, and every 5 minutes.
     #[arg(long)]
     plain: bool,
     /// Draw once and exit.
     #[arg(long)]
     once: bool,
 }
+
+/// How often --plain prints the screen again when nothing changed, for a serial cable plugged in later.
+const PLAIN_REPRINT: Duration = Duration::from_secs(300);
 
 /// The terminal's size, or 80×24 when stdout is not a terminal.
 fn size() -> (usize, usize) {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
     };
     let colour = !args.plain && std::env::var_os("NO_COLOR").is_none();
     let mut last_plain = String::new();
+    let mut printed = std::time::Instant::now();
     let mut out = std::io::stdout();
     if !args.plain && !args.once {
         // Hide the cursor: nothing on this screen takes input.
@@ -103,10 +107,11 @@ fn main() -> ExitCode {
                 }
             };
         let text = if args.plain || args.once {
-            if args.plain && stable == last_plain {
+            if args.plain && stable == last_plain && printed.elapsed() < PLAIN_REPRINT {
                 None
             } else {
                 last_plain = stable;
+                printed = std::time::Instant::now();
                 Some(format!("{}\n\n", lines.join("\n")))
             }
         } else {

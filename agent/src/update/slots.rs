@@ -110,7 +110,7 @@ pub fn entry_text(release: &Release, slot: Slot) -> String {
         "title cairn {v} (slot {s})\nversion {v}\nsort-key cairn\nlinux /EFI/cairn/{v}-{s}/vmlinuz\n\
          initrd /EFI/cairn/{v}-{s}/initrd\noptions roothash={} systemd.verity_root_data=/dev/disk/by-partlabel/root-{s} \
          systemd.verity_root_hash=/dev/disk/by-partlabel/root-{s}-verity root=/dev/mapper/root rootfstype=erofs ro \
-         console=tty1 console=ttyS0,115200 systemd.status_unit_format=name cairn.slot={s}\n",
+         console=tty1 console=ttyS0,115200 fbcon=font:TER16x32 systemd.status_unit_format=name cairn.slot={s}\n",
         release.roothash
     )
 }
