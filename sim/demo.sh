@@ -49,13 +49,15 @@ fleet() { "$bin/cairn-fleet" devices --state "$FLEET_STATE" "$@"; }
 step "Onboarding, step 1: the device enrols its TPM; the fleet does not know it yet"
 say "this fleet was given no manufacturer CA and no allow-list, so the TPM waits for a person"
 wait_for 30 '.onboarding.state == "awaiting_approval"'
-"$bin/cairnctl" status | sed -n '/^onboarding/,/^tpm/p' | grep -v '^tpm' | sed 's/^/   /'
+say "what the monitor on the box shows (cairn-console, here once and without colour; on the box it is"
+say "live on tty1, in the kernel's large font, with a QR code of the id and code):"
+"$bin/cairn-console" --once --plain | sed -n '1,/^ device id/p' | sed 's/^/   /'
 say "the fleet's view (cairn-fleet devices --state $FLEET_STATE):"
 fleet | sed 's/^/   /'
-id=$(status_json | jq -r .onboarding.device_id)
+code=$("$bin/cairnctl" overview --json | jq -r .code)
 
-step "Onboarding, step 2: an operator approves the TPM by its EK name"
-fleet approve "$id" | sed 's/^/   /'
+step "Onboarding, step 2: the tech reads code $code off the screen; an operator approves it"
+fleet approve "$code" | sed 's/^/   /'
 
 step "Onboarding, step 3: credential activation, quote, certified keys, certificate (cairnctl attest)"
 say "the fleet seals a secret to the EK for the AK's name (MakeCredential); only this TPM can open it;"
@@ -103,6 +105,8 @@ say "writing 'lost = true' for GPU 5 into the fake driver's file $FAKE_NVML_CONF
 printf 'profile = "h100x8"\n[gpu.3]\nxid = [79]\n[gpu.5]\nlost = true\n' > "$FAKE_NVML_CONFIG.tmp" && mv "$FAKE_NVML_CONFIG.tmp" "$FAKE_NVML_CONFIG"
 wait_for 15 '.gpus.facts.gpus[5].problem != null'
 "$bin/cairnctl" status | grep -A1 '^gpus' | sed 's/^/   /'
+say "the status screen: each red line with its cause and the next step (cairnctl overview):"
+{ "$bin/cairnctl" overview || true; } | grep -A3 -E '^ (FAIL|WAIT)  (GPUs|SSDs)' | sed 's/^/   /'
 ok "cairnd names the lost GPU and keeps running"
 
 step "Uplink outage: the fleet goes away"
@@ -112,6 +116,8 @@ wait_for 15 '.fleet.state == "unavailable"'
 sleep 3
 say "meanwhile every sample and event goes into the spool on the data partition (cairnctl telemetry):"
 "$bin/cairnctl" telemetry | sed 's/^/   /'
+say "on the status screen:"
+{ "$bin/cairnctl" overview || true; } | grep -A3 -E '^ ( OK |FAIL|WAIT)  (Uplink|Telemetry)' | sed 's/^/   /'
 
 step "Uplink back"
 "$bin/cairn-sim" fleet-start "$dir"
@@ -179,6 +185,15 @@ if "$bin/cairnctl" attest | sed 's/^/   /'; then fail "the fleet trusted a tampe
 fleet | sed 's/^/   /'
 ok "refused, with the reason on both sides; the fleet no longer honours the device's certificate"
 
-step "Not yet in this build"
-say "the A/B image and OTA updates run under qemu, not in this demo: \`just test-qemu\` (docs/image.md);"
-say "console status and diagnostics — issue 8."
+step "The local status page (read-only) at $PAGE_URL"
+say "on a box it answers only on the management port (page.interfaces); here on loopback:"
+curl -fsS "$PAGE_URL" | grep -o '<div id="verdict"[^<]*</div>' | sed 's/<[^>]*>//g; s/^/   verdict: /'
+say "anything but GET and HEAD: HTTP $(curl -s -o /dev/null -w '%{http_code}' -X POST "$PAGE_URL") (nothing on the page changes the box)"
+
+step "Diagnostics for ops (cairnctl diagnose)"
+"$bin/cairnctl" diagnose --json --out "$dir" | jq -r '"   wrote \(.archive)", "   files: \(.files | join(", "))"'
+ok "versions, redacted configuration, the agent's view, journal, data directory names; no key material"
+
+step "Not in this demo"
+say "the A/B image, OTA updates and the status screen on a real console run under qemu: \`just test-qemu\`"
+say "(docs/image.md); runbooks for the people at the site are in docs/runbooks/."

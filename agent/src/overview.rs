@@ -1029,7 +1029,10 @@ mod tests {
         i.status.onboarding.detail = "connect to fleet.example:8443 timed out".into();
         let o = fault(&i, "Onboarding");
         assert!(
-            o.next_step.as_deref().unwrap().contains("check the network cable"),
+            o.next_step
+                .as_deref()
+                .unwrap()
+                .contains("check the network cable"),
             "{o:?}"
         );
     }
