@@ -5,8 +5,6 @@
 //! operation, so both can reach it.
 
 use cairn_tpm::{AkBlob, EkAlgorithm, QuoteFiles, Tpm};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,21 +75,10 @@ pub fn key_dir(data_dir: &Path, alg: EkAlgorithm) -> PathBuf {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AttestationError> {
-    let werr = |source| AttestationError::Write {
+    crate::atomic_file::write(path, bytes, 0o600).map_err(|source| AttestationError::Write {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(werr)?;
-    f.write_all(bytes).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)
+    })
 }
 
 /// Loads a key, creating and storing it first if this device has none yet.

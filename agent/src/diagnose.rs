@@ -5,8 +5,6 @@
 //! reads key material: nothing under `identity/` is opened, and every text is scrubbed before it is packed.
 
 use crate::config::Config;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -266,18 +264,7 @@ pub fn write_archive(
     }
     tar.extend(std::iter::repeat_n(0u8, 1024));
     let compressed = zstd::bulk::compress(&tar, 3).map_err(werr)?;
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(werr)?;
-    f.write_all(&compressed)
-        .and_then(|()| f.sync_all())
-        .map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)
+    crate::atomic_file::write(path, &compressed, 0o600).map_err(werr)
 }
 
 /// A POSIX ustar header for a regular file, mode 0600, owned by root. Names over 100 bytes are split into
@@ -315,6 +302,7 @@ fn ustar_header(name: &str, size: u64, mtime: u64) -> [u8; 512] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn private_keys_url_passwords_and_assignments_are_scrubbed() {

@@ -189,16 +189,10 @@ fn keep(path: &Path, kept: &Path) {
     if std::fs::read(kept).is_ok_and(|old| old == bytes) {
         return;
     }
-    let tmp = kept.with_extension("tmp");
-    let result = (|| {
-        if let Some(dir) = kept.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, kept)
-    })();
+    let result = kept
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| crate::atomic_file::write(kept, &bytes, 0o644));
     match result {
         Ok(()) => {
             tracing::info!(from = %path.display(), to = %kept.display(), "provisioning file kept")

@@ -19,7 +19,6 @@ use cairn_proto::fleet::{
     Evidence, Hex, PcrValue, Verdict, ACTIVATE_PATH, ATTEST_PATH, CHALLENGE_PATH, ENROLL_PATH,
 };
 use cairn_tpm::{EkAlgorithm, Tpm};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -190,11 +189,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::atomic_file::write(path, bytes, 0o644)
 }
 
 /// Reads the persisted state; a missing file is a fresh device, a damaged one is reported and replaced by a

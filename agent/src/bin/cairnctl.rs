@@ -350,12 +350,15 @@ fn health(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> 
 
 fn attest(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
     // Enrolment runs several TPM commands and fleet round trips, each bounded by the fleet timeout.
-    match ask(
+    let waiting = Spinner::start("attesting to the fleet");
+    let answer = ask(
         config_path,
         socket,
         Command::Attest,
         Duration::from_secs(120),
-    ) {
+    );
+    drop(waiting);
+    match answer {
         Ok(Response::Attest(o)) => {
             if let Err(code) = show(&o, json, view::onboarding) {
                 return code;
@@ -480,6 +483,45 @@ fn overview(config_path: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -
         }
         Ok(other) => unexpected(other),
         Err(code) => code,
+    }
+}
+
+/// A spinner with the seconds waited on stderr, for a request that may take a minute, when stderr is a
+/// terminal; cleared when dropped.
+struct Spinner {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start(what: &'static str) -> Spinner {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(libc::STDERR_FILENO) } == 1;
+        let thread = tty.then(|| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                for frame in ['|', '/', '-', '\\'].iter().cycle() {
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    eprint!("\r\x1b[K{frame} {what}… {} s", started.elapsed().as_secs());
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                eprint!("\r\x1b[K");
+            })
+        });
+        Spinner { done, thread }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
