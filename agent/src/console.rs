@@ -232,6 +232,17 @@ pub fn render(o: &Overview, s: Screen) -> Vec<String> {
     out
 }
 
+/// What `--plain` prints the screen again on: a line changing colour or advice, the code or the headline;
+/// not a counter ticking (records kept, seconds ago), which would flood a serial port.
+pub fn plain_key(o: &Overview) -> String {
+    let levels: Vec<_> = o
+        .lines
+        .iter()
+        .map(|l| (&l.topic, l.level, &l.next_step))
+        .collect();
+    format!("{levels:?}{:?}{:?}", o.code, o.headline)
+}
+
 /// What the screen shows when the agent does not answer.
 pub fn render_unreachable(reason: &str, now_unix: u64, s: Screen) -> Vec<String> {
     let width = s.width.max(40);
@@ -398,6 +409,21 @@ mod tests {
         )
         .join("\n");
         assert!(tall.contains(" OK   TPM         fine"), "{tall}");
+    }
+
+    #[test]
+    fn plain_output_repeats_on_a_change_of_colour_or_advice_not_of_a_counter() {
+        let a = overview(Level::Attention);
+        let mut ticking = a.clone();
+        ticking.lines[0].text = "1774 records kept on the box, oldest 9 s".into();
+        ticking.generated_unix += 2;
+        assert_eq!(plain_key(&a), plain_key(&ticking));
+        let mut red = a.clone();
+        red.lines[0].level = Level::Fault;
+        assert_ne!(plain_key(&a), plain_key(&red));
+        let mut advice = a.clone();
+        advice.lines[0].next_step = Some("something else".into());
+        assert_ne!(plain_key(&a), plain_key(&advice));
     }
 
     #[test]

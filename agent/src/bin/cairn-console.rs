@@ -1,7 +1,7 @@
 //! cairn-console: the status screen on the local console (cairn-console@tty1, and --plain on the serial
 //! console). Asks cairnd for the overview over the control socket and draws it; reads no input and sends
 //! no command that changes anything.
-//! Exit codes: 0 after --once, 2 usage, 78 configuration error; it runs until stopped otherwise.
+//! Exit codes: 0 after --once, 1 when the terminal goes away, 2 usage; it runs until stopped otherwise.
 
 use cairn_agent::console::{self, Screen};
 use cairn_agent::{config, control};
@@ -55,17 +55,22 @@ fn size() -> (usize, usize) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let socket = match args.socket.clone() {
-        Some(s) => s,
-        None => match config::load(&config::Sources::system(args.config.clone())) {
-            Ok(l) => l.config.agent.control_socket,
-            Err(e) => {
-                eprintln!("cairn-console: {}", cairn_agent::error_chain(&e));
-                return ExitCode::from(config::EXIT_CONFIG as u8);
-            }
-        },
+    // A configuration that does not load is shown on the screen (and read again each round), not just
+    // logged: the screen is where someone will look.
+    let socket = || match args.socket.clone() {
+        Some(s) => Ok(s),
+        None => config::load(&config::Sources::system(args.config.clone()))
+            .map(|l| l.config.agent.control_socket)
+            .map_err(|e| {
+                format!(
+                    "the agent's configuration does not load: {}",
+                    cairn_agent::error_chain(&e)
+                )
+            }),
     };
-    let colour = !args.plain && std::env::var_os("NO_COLOR").is_none();
+    // SAFETY: isatty only inspects the descriptor.
+    let tty = unsafe { libc::isatty(libc::STDOUT_FILENO) } == 1;
+    let colour = !args.plain && tty && std::env::var_os("NO_COLOR").is_none();
     let mut last_plain = String::new();
     let mut printed = std::time::Instant::now();
     let mut out = std::io::stdout();
@@ -89,23 +94,21 @@ fn main() -> ExitCode {
             colour,
         };
         let now = cairn_agent::status::now_unix();
-        let (lines, stable) =
-            match control::request(&socket, Command::Overview, Duration::from_secs(5)) {
-                Ok(Response::Overview(o)) => {
-                    let lines = console::render(&o, screen);
-                    // What changed, minus the clock in the first line: what --plain prints again on.
-                    let stable = format!("{:?}{:?}{:?}", o.lines, o.code, o.headline);
-                    (lines, stable)
-                }
-                Ok(other) => {
-                    let why = format!("cairnd sent an unexpected answer: {other:?}");
-                    (console::render_unreachable(&why, now, screen), why)
-                }
-                Err(e) => {
-                    let why = cairn_agent::error_chain(&e);
-                    (console::render_unreachable(&why, now, screen), why)
-                }
-            };
+        let (lines, stable) = match socket().and_then(|p| {
+            control::request(&p, Command::Overview, Duration::from_secs(5))
+                .map_err(|e| cairn_agent::error_chain(&e))
+        }) {
+            Ok(Response::Overview(o)) => {
+                let lines = console::render(&o, screen);
+                let stable = console::plain_key(&o);
+                (lines, stable)
+            }
+            Ok(other) => {
+                let why = format!("cairnd sent an unexpected answer: {other:?}");
+                (console::render_unreachable(&why, now, screen), why)
+            }
+            Err(why) => (console::render_unreachable(&why, now, screen), why),
+        };
         let text = if args.plain || args.once {
             if args.plain && stable == last_plain && printed.elapsed() < PLAIN_REPRINT {
                 None
