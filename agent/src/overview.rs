@@ -665,12 +665,20 @@ fn workloads(i: &Inputs, lines: &mut Vec<Line>) {
         );
     }
     if failed.is_empty() {
-        let level = if up == desired.len() {
+        // "waiting" with nothing desired yet: the set has not come (not onboarded, or not fetched yet).
+        let waiting = w.state == "waiting" && desired.is_empty();
+        let level = if up == desired.len() && !waiting {
             Level::Ok
         } else {
             Level::Attention
         };
-        let next = (level != Level::Ok).then(|| "wait: workloads are starting".to_owned());
+        let next = (level != Level::Ok).then(|| {
+            if waiting {
+                "wait: the fleet's workloads come once the box is onboarded".to_owned()
+            } else {
+                "wait: workloads are starting".to_owned()
+            }
+        });
         let text = if desired.is_empty() {
             format!("none yet ({})", w.detail)
         } else {
