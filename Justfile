@@ -87,7 +87,7 @@ image VERSION="1.0.0" *ARGS: deps deps-image
 test-qemu: deps deps-image
     cargo build --locked --release -p cairn-agent --bins
     cargo build --locked -p cairn-fleet
-    image/build.sh --version 1.0.0 --out target/image
+    image/build.sh --version 1.0.0 --out target/image --config tests/qemu/page.toml
     cargo test --locked -p cairn-qemu-tests -- --ignored --test-threads=1
 
 # Start a simulated site in the background, all state under DIR; writes DIR/site.env.

@@ -171,6 +171,15 @@ impl Machine {
 
         let serial = self.dir.join(format!("serial-{n}.log"));
         let qmp = self.dir.join(format!("qmp-{n}.sock"));
+        // The guest's port 80 (its local page) on a free loopback port of the host.
+        let page_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|source| QemuError::Io {
+                what: "cannot find a free port for the page forward",
+                path: PathBuf::from("127.0.0.1:0"),
+                source,
+            })?;
         let vars = self.dir.join("OVMF_VARS.fd");
         let qemu = Command::new("qemu-system-x86_64")
             .args([
@@ -197,12 +206,9 @@ impl Machine {
                 "-device",
                 "tpm-crb,tpmdev=tpm0",
             ])
-            .args([
-                "-netdev",
-                "user,id=n0",
-                "-device",
-                "virtio-net-pci,netdev=n0",
-            ])
+            .arg("-netdev")
+            .arg(format!("user,id=n0,hostfwd=tcp:127.0.0.1:{page_port}-:80"))
+            .args(["-device", "virtio-net-pci,netdev=n0"])
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .arg("-qmp")
@@ -221,6 +227,7 @@ impl Machine {
             qmp,
             started: Instant::now(),
             seen: 0,
+            page_port,
         })
     }
 
@@ -309,9 +316,44 @@ pub struct Boot {
     started: Instant,
     /// How far into the serial log earlier waits have matched, so each wait looks only at what came after.
     seen: usize,
+    /// The host port qemu forwards to the guest's port 80.
+    page_port: u16,
 }
 
 impl Boot {
+    /// One HTTP/1.1 request to the guest's port 80 through qemu's forward, retried until `timeout` while the
+    /// guest does not answer yet; the whole response (status line, headers, body).
+    pub fn http(&mut self, method: &str, path: &str, timeout: Duration) -> Result<String> {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = (|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", self.page_port))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                write!(
+                    s,
+                    "{method} {path} HTTP/1.1\r\nHost: box\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })();
+            match attempt {
+                // qemu accepts the forward itself and closes it when nothing in the guest listens.
+                Ok(text) if text.starts_with("HTTP/1.1") => return Ok(text),
+                _ if Instant::now() < deadline && !self.exited() => {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Ok(_) | Err(_) => {
+                    return Err(self.timeout(
+                        format!("an HTTP answer to {method} {path} on the guest's port 80"),
+                        timeout,
+                    ));
+                }
+            }
+        }
+    }
+
     pub fn serial_log(&self) -> &Path {
         &self.serial
     }
