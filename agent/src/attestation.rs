@@ -75,7 +75,7 @@ pub fn key_dir(data_dir: &Path, alg: EkAlgorithm) -> PathBuf {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AttestationError> {
-    crate::atomic_file::write(path, bytes, 0o600).map_err(|source| AttestationError::Write {
+    cairn_proto::atomic_file::write(path, bytes, 0o600).map_err(|source| AttestationError::Write {
         path: path.to_owned(),
         source,
     })

@@ -264,7 +264,7 @@ pub fn write_archive(
     }
     tar.extend(std::iter::repeat_n(0u8, 1024));
     let compressed = zstd::bulk::compress(&tar, 3).map_err(werr)?;
-    crate::atomic_file::write(path, &compressed, 0o600).map_err(werr)
+    cairn_proto::atomic_file::write(path, &compressed, 0o600).map_err(werr)
 }
 
 /// A POSIX ustar header for a regular file, mode 0600, owned by root. Names over 100 bytes are split into

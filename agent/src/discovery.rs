@@ -192,7 +192,7 @@ fn keep(path: &Path, kept: &Path) {
     let result = kept
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| crate::atomic_file::write(kept, &bytes, 0o644));
+        .and_then(|()| cairn_proto::atomic_file::write(kept, &bytes, 0o644));
     match result {
         Ok(()) => {
             tracing::info!(from = %path.display(), to = %kept.display(), "provisioning file kept")

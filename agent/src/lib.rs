@@ -1,7 +1,6 @@
 //! The cairn agent as a library: one module per concern. The `cairnd` and `cairnctl` binaries only parse
 //! arguments, call into here and map errors to exit codes.
 
-pub mod atomic_file;
 pub mod attestation;
 pub mod collect;
 pub mod config;

@@ -189,7 +189,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::atomic_file::write(path, bytes, 0o644)
+    cairn_proto::atomic_file::write(path, bytes, 0o644)
 }
 
 /// Reads the persisted state; a missing file is a fresh device, a damaged one is reported and replaced by a

@@ -7,7 +7,6 @@ use cairn_proto::fleet::to_hex;
 use cairn_proto::telemetry::{BatchAck, SignedBatch, WireBody};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const INDEX_FILE: &str = "index.json";
@@ -283,11 +282,7 @@ impl Ingest {
 }
 
 fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    cairn_proto::atomic_file::write(path, bytes, 0o644)
 }
 
 /// The index as another process sees it (for `cairn-fleet telemetry` when no server runs).

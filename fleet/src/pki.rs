@@ -5,8 +5,6 @@
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -122,21 +120,12 @@ fn ca_params() -> CertificateParams {
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
-    let werr = |source| PkiError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(werr)?;
-    f.write_all(text.as_bytes()).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)
+    cairn_proto::atomic_file::write(path, text.as_bytes(), 0o600).map_err(|source| {
+        PkiError::Write {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 /// Loads the CA from `state` (creating it on first use) and issues a server certificate for `names`.

@@ -5,7 +5,6 @@ use cairn_proto::fleet::{Hex, PcrValue};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const DEVICES_FILE: &str = "devices.json";
@@ -202,18 +201,7 @@ impl Store {
         };
         let bytes = serde_json::to_vec_pretty(&file)
             .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-        f.write_all(&bytes).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-        std::fs::rename(&tmp, &self.path).map_err(werr)?;
-        if let Some(dir) = self.path.parent() {
-            // The rename is durable only once the directory is synced.
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        cairn_proto::atomic_file::write(&self.path, &bytes, 0o644).map_err(werr)
     }
 }
 

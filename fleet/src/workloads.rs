@@ -46,22 +46,10 @@ pub enum WorkloadsError {
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), WorkloadsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| WorkloadsError::Write {
+    cairn_proto::atomic_file::write(path, bytes, mode).map_err(|source| WorkloadsError::Write {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 /// Makes the workload signer: `dir/workload-signer.key` (PKCS#8 PEM, 0600, stays with the fleet) and

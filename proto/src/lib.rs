@@ -7,9 +7,12 @@
 //! - [`fleet`]: the agent-initiated HTTPS protocol between a device and its fleet backend;
 //!   [`telemetry`] holds its signed telemetry batches (CBOR in COSE_Sign1).
 //!
+//! [`atomic_file`] is the one durable whole-file write both sides use for what they keep.
+//!
 //! Every type that crosses a process boundary denies unknown fields, so a peer speaking a newer version is told
 //! so instead of being half-understood. A new field is a new protocol version.
 
+pub mod atomic_file;
 pub mod control;
 pub mod eventlog;
 pub mod fleet;

@@ -482,17 +482,14 @@ impl Updater {
 
 /// Writes the status atomically (temp file, fsync, rename): a power cut leaves the old one or the new one.
 fn save_status(path: &Path, s: &UpdateStatus) {
-    let result = (|| -> std::io::Result<()> {
-        use std::io::Write;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(s).unwrap_or_default())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
+    let result = serde_json::to_vec_pretty(s)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            cairn_proto::atomic_file::write(path, &bytes, 0o644)
+        });
     if let Err(e) = result {
         tracing::warn!(file = %path.display(), error = %e, "cannot save the update status");
     }

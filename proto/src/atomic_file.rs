@@ -1,5 +1,7 @@
 //! Writing a whole file so that a power cut leaves either the old content or the new, never a mix: a
-//! temporary file beside it, fsync, rename over it, fsync of the directory.
+//! temporary file beside it, fsync, rename over it, fsync of the directory. Here because both sides keep
+//! what they exchange on disk (the agent its keys, state and sets; the fleet its store, CA and signers), and
+//! this is the crate both build on.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
